@@ -1,0 +1,118 @@
+"""Config errors: every problem of a config, reported together.
+
+A config is checked in full before anything fails, so that one run of
+``chatlearn validate`` (or one failed ``load_config``) shows all that is wrong
+instead of one problem per attempt. Each problem names the file it comes from,
+the key path inside the config and what was expected::
+
+    configs/rlhf.yaml: runtime.num_episode: expected int, got 'abc' (str)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+# The pseudo-file named by problems that come from ``overrides`` (the command
+# line or the ``overrides=`` argument of ``load_config``), not from a YAML file.
+OVERRIDES_SOURCE = "<overrides>"
+
+
+def display_path(path: str) -> str:
+    """A file path as it reads best in a message: relative to the cwd when below it."""
+    if not path or path.startswith("<"):
+        return path
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return path if rel.startswith("..") else rel
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem: where (file, key path) and what."""
+
+    file: str  # absolute path of the YAML file, or OVERRIDES_SOURCE, or "" if unknown
+    key: str  # e.g. "models.policy.num_cpu"; "" for a problem with the whole file
+    message: str  # e.g. "expected int, got 'abc' (str)"
+
+    def __str__(self) -> str:
+        parts = [p for p in (display_path(self.file), self.key) if p]
+        return ": ".join(parts + [self.message])
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. ``str(err)`` lists every problem, one per line."""
+
+    def __init__(self, issues: Union[Iterable[ConfigIssue], str]):
+        if isinstance(issues, str):
+            issues = [ConfigIssue("", "", issues)]
+        self.issues: list[ConfigIssue] = list(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+class IssueCollector:
+    """Collects problems while a config is read and checked; raises them all at the end.
+
+    ``sources`` maps key paths (tuples such as ``("models", "policy", "num_cpu")``)
+    to the file that set them, so that a problem found at any depth names the
+    right file, includes and overrides included; a path without an entry takes
+    its nearest parent's file, and finally ``main_file``.
+
+    ``bad`` remembers the key paths that already have a problem, so that later
+    cross-field checks can skip them instead of piling up follow-on errors.
+    """
+
+    def __init__(self, main_file: str = "", sources: Optional[dict[tuple, str]] = None) -> None:
+        self.main_file = main_file
+        self.sources: dict[tuple, str] = sources if sources is not None else {}
+        self.issues: list[ConfigIssue] = []
+        self.bad: set[tuple] = set()
+
+    def file_for(self, path: tuple) -> str:
+        for n in range(len(path), -1, -1):
+            file = self.sources.get(tuple(path[:n]))
+            if file is not None:
+                return file
+        return self.main_file
+
+    def base_dir_for(self, path: tuple) -> str:
+        """The directory a relative path written at ``path`` is resolved from."""
+        file = self.file_for(path)
+        if not file or file.startswith("<"):  # overrides: relative to where the command runs
+            return os.getcwd()
+        return os.path.dirname(file)
+
+    def add(self, path: tuple, message: str) -> None:
+        """A problem with the value at ``path``; the file comes from ``sources``."""
+        self.add_at(self.file_for(path), format_key(path), message)
+        self.bad.add(tuple(path))
+
+    def add_at(self, file: str, key: str, message: str) -> None:
+        """A problem whose file is known directly (e.g. a YAML syntax error)."""
+        issue = ConfigIssue(file, key, message)
+        if issue not in self.issues:  # the same check may run for CPU and GPU counts
+            self.issues.append(issue)
+
+    def is_bad(self, *paths: tuple) -> bool:
+        """Whether any of ``paths``, or one of their parents, already has a problem."""
+        return any(tuple(p[:n]) in self.bad for p in paths for n in range(len(p), 0, -1))
+
+    def __bool__(self) -> bool:
+        return bool(self.issues)
+
+    def raise_if_any(self) -> None:
+        if self.issues:
+            raise ConfigError(self.issues)
+
+
+def format_key(path: tuple) -> str:
+    """("models", "policy", "lora", "lora_dim") -> "models.policy.lora.lora_dim"; list items as [i]."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out

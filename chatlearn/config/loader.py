@@ -1,0 +1,534 @@
+"""Read a chatlearn YAML config into a validated ``ChatLearnConfig``.
+
+The steps, in order (each one collects its problems; all are reported at once):
+
+1. Read the main file and its ``includes:`` (the including file wins; later
+   includes win over earlier ones; includes nest; cycles are errors), keeping
+   for every key the file that set it, so errors name the right file.
+2. Merge the overrides (``runtime.num_episode=3`` strings or a dict) on top.
+3. Replace ChatLearn's environment syntax ``${name:default}`` / ``${name}``
+   (see ``substitute_env``); what is left of ``${...}`` is omegaconf's own
+   interpolation (``${runtime.num_episode}``, ``${oc.env:HOME}``), which
+   omegaconf then resolves.
+4. Read each model's ``model_config_file`` (relative to the file that names
+   it, with its own ``includes:``), the same way, into ``args_dict``; inline
+   ``args_dict:`` keys win over the file's.
+5. Check everything against the schema (``chatlearn.config.validate``).
+
+Nothing here imports torch, Ray or vLLM: the CLI must start fast.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from chatlearn.config.errors import OVERRIDES_SOURCE, ConfigError, ConfigIssue, IssueCollector, display_path
+from chatlearn.config.schema import ChatLearnConfig
+
+__all__ = ["load_config", "config_to_dict", "substitute_env", "type_env_value", "INCLUDES_KEY"]
+
+INCLUDES_KEY = "includes"
+
+Overrides = Union[None, str, Sequence[str], Mapping[str, Any]]
+Sources = dict[tuple, str]
+
+
+# --------------------------------------------------------------------------- YAML
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with three changes for config files.
+
+    * ``1e-5`` is a float (YAML 1.1 wants a dot, so PyYAML reads it as a string,
+      and learning rates are written that way).
+    * Dates stay strings: omegaconf cannot hold ``datetime.date`` values.
+    * A key given twice in one mapping is an error instead of last-one-wins.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            # Merge keys (<<: *anchor) may be overridden by explicit keys; complex keys are rare.
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _read_yaml(path: str, issues: IssueCollector) -> Optional[dict]:
+    """The mapping in ``path``; None (with a problem recorded) if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = _parse_yaml_text(f.read())
+    except OSError as e:
+        issues.add_at(path, "", f"cannot read file: {e.strerror or e}")
+        return None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        issues.add_at(path, "", f"invalid YAML: {where}{problem}")
+        return None
+    if data is None:  # an empty file is an empty mapping
+        return {}
+    if not isinstance(data, dict):
+        issues.add_at(path, "", f"expected a mapping at the top of the file, got {type(data).__name__}")
+        return None
+    return data
+
+
+# ----------------------------------------------------------------- merge + sources
+def _mark(tree: Any, file: str, prefix: tuple = ()) -> Sources:
+    """Every key path in ``tree`` (dicts only; lists are leaves) -> ``file``."""
+    sources = {prefix: file}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            sources.update(_mark(value, file, prefix + (key,)))
+    return sources
+
+
+def _merge(base: dict, base_src: Sources, over: dict, over_src: Sources, prefix: tuple = ()) -> None:
+    """Deep-merge ``over`` into ``base`` (over wins); lists are replaced, not merged."""
+    for key, value in over.items():
+        path = prefix + (key,)
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], base_src, value, over_src, path)
+            continue
+        base[key] = copy.deepcopy(value)
+        for p in [p for p in base_src if p[:len(path)] == path]:
+            del base_src[p]
+        base_src.update({p: f for p, f in over_src.items() if p[:len(path)] == path})
+
+
+def _load_tree(path: str, issues: IssueCollector, chain: tuple = ()) -> tuple[dict, Sources]:
+    """Read ``path`` with its includes, merged; plus where each key came from."""
+    data = _read_yaml(path, issues)
+    if data is None:
+        return {}, {}
+    merged: dict = {}
+    merged_src: Sources = {(): path}
+    includes = data.pop(INCLUDES_KEY, None)
+    if isinstance(includes, str):
+        includes = [includes]
+    if includes is not None and not isinstance(includes, list):
+        issues.add_at(path, INCLUDES_KEY, f"expected a list of file paths, got {_show(includes)}")
+        includes = []
+    for i, include in enumerate(includes or []):
+        key = f"{INCLUDES_KEY}[{i}]"
+        if not isinstance(include, str) or not include:
+            issues.add_at(path, key, f"expected a file path (str), got {_show(include)}")
+            continue
+        # Include paths are relative to the including file, like model_config_file.
+        target = os.path.abspath(os.path.join(os.path.dirname(path), os.path.expanduser(include)))
+        if target in chain or target == path:
+            cycle = " -> ".join(display_path(p) for p in (*chain, path, target))
+            issues.add_at(path, key, f"include cycle: {cycle}")
+            continue
+        if not os.path.isfile(target):
+            issues.add_at(path, key, f"include file not found: {include!r} (looked for {display_path(target)})")
+            continue
+        sub, sub_src = _load_tree(target, issues, chain + (path,))
+        _merge(merged, merged_src, sub, sub_src)
+    _merge(merged, merged_src, data, _mark(data, path))
+    return merged, merged_src
+
+
+# ------------------------------------------------------------------- overrides
+def _parse_overrides(overrides: Overrides, issues: IssueCollector) -> dict:
+    """Overrides as one nested dict: dotlist strings ``a.b=value`` or a mapping."""
+    if overrides is None:
+        return {}
+    tree: dict = {}
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        if isinstance(overrides, str):
+            overrides = [overrides]
+        items = []
+        for item in overrides:
+            if not isinstance(item, str) or "=" not in item:
+                issues.add_at(OVERRIDES_SOURCE, str(item), "expected an override of the form key.path=value")
+                continue
+            key, _, text = item.partition("=")
+            # The value is read as YAML (3 is an int, [a,b] a list, '3' a string);
+            # an empty value is an empty string, like ${name:}.
+            try:
+                value = _parse_yaml_text(text) if text.strip() else ""
+            except yaml.YAMLError:
+                value = text
+            items.append((key.strip(), value))
+    for key, value in items:
+        parts = tuple(str(key).split("."))
+        if not all(parts):
+            issues.add_at(OVERRIDES_SOURCE, str(key), "expected a key path like runtime.num_episode")
+            continue
+        node = tree
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            _merge(node[parts[-1]], {}, value, {})
+        else:
+            node[parts[-1]] = value
+    return tree
+
+
+# ------------------------------------------------------- ChatLearn's ${name:default}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_INT = re.compile(r"[-+]?[0-9]+\Z")
+_FLOAT = re.compile(r"[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?\Z")
+
+
+def type_env_value(text: str) -> Any:
+    """Type the text of an environment variable or a ``${name:default}`` default.
+
+    Ints, floats, True/False/true/false, None/null; anything else stays a string
+    (so "" stays "", and "1.0.2" or "/path" stay strings).
+    """
+    if text in ("True", "true"):
+        return True
+    if text in ("False", "false"):
+        return False
+    if text in ("None", "null"):
+        return None
+    if _INT.match(text):
+        return int(text)
+    if _FLOAT.match(text):
+        return float(text)
+    return text
+
+
+class EnvVarNotSet(Exception):
+    """``${name}`` without a default, and no environment variable ``name``."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _closing_brace(text: str, start: int) -> int:
+    """Index of the ``}`` closing the ``${`` whose content starts at ``start``; -1 if none."""
+    depth = 1
+    i = start
+    while i < len(text):
+        if text.startswith("${", i):
+            depth += 1
+            i += 2
+            continue
+        if text[i] == "{":  # omegaconf allows dict literals in resolver arguments
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
+
+
+def _escape(literal: str) -> str:
+    """Make text from the environment literal for omegaconf (no interpolation in it)."""
+    return literal.replace("${", "\\${")
+
+
+class _EnvSubstituter:
+    """Replaces ChatLearn's ``${name:default}`` / ``${name}``, leaving omegaconf's alone.
+
+    ``${...}`` is ChatLearn's when its content is a bare identifier, optionally
+    followed by ``:default``, and omegaconf could not make sense of it:
+
+    * ``${name:default}`` unless ``name`` is a registered omegaconf resolver
+      (omegaconf would read it as a call of resolver ``name``);
+    * ``${name}`` unless ``name`` is a top-level key of the same config, which
+      omegaconf resolves as a node interpolation.
+
+    Dotted (``${runtime.num_episode}``), relative (``${.x}``) and resolver
+    (``${oc.env:HOME}``) interpolations are never ChatLearn's.
+    """
+
+    def __init__(self, top_keys: set, environ: Mapping[str, str]):
+        self.top_keys = top_keys
+        self.environ = environ
+
+    def _parse(self, inner: str) -> Optional[tuple[str, Optional[str]]]:
+        name, colon, default = inner.partition(":")
+        if not _NAME.match(name):
+            return None
+        if colon:
+            return None if OmegaConf.has_resolver(name) else (name, default)
+        return None if name in self.top_keys else (name, None)
+
+    def value(self, text: str) -> Any:
+        """The value of a whole YAML string: typed when it is exactly one ``${name:default}``."""
+        if text.startswith("${") and _closing_brace(text, 2) == len(text) - 1:
+            parsed = self._parse(text[2:-1])
+            if parsed is not None:
+                name, default = parsed
+                if name in self.environ:
+                    value = type_env_value(self.environ[name])
+                    return _escape(value) if isinstance(value, str) else value
+                if default is None:
+                    raise EnvVarNotSet(name)
+                resolved = self.text(default)
+                # A default that still holds an omegaconf interpolation is left for
+                # omegaconf, which types it from its target.
+                return resolved if "${" in resolved else type_env_value(resolved)
+        return self.text(text)
+
+    def text(self, text: str) -> str:
+        """``text`` with every ChatLearn expression replaced by its text (not typed)."""
+        out = []
+        i = 0
+        while i < len(text):
+            if text.startswith("\\${", i):  # omegaconf's escape: leave it to omegaconf
+                out.append("\\${")
+                i += 3
+                continue
+            if not text.startswith("${", i):
+                out.append(text[i])
+                i += 1
+                continue
+            end = _closing_brace(text, i + 2)
+            if end < 0:  # unbalanced: omegaconf will report the grammar error
+                out.append(text[i:])
+                break
+            parsed = self._parse(text[i + 2:end])
+            if parsed is None:
+                out.append(text[i:end + 1])
+            else:
+                name, default = parsed
+                if name in self.environ:
+                    out.append(_escape(self.environ[name]))
+                elif default is None:
+                    raise EnvVarNotSet(name)
+                else:
+                    out.append(self.text(default))
+            i = end + 1
+        return "".join(out)
+
+
+def substitute_env(tree: Any, environ: Optional[Mapping[str, str]] = None,
+                   top_keys: Optional[set] = None) -> Any:
+    """``tree`` with ChatLearn's ``${name:default}`` replaced (omegaconf's syntax kept).
+
+    A convenience for one-off use; errors raise ``EnvVarNotSet``.
+    """
+    if top_keys is None:
+        top_keys = set(tree) if isinstance(tree, dict) else set()
+    sub = _EnvSubstituter(top_keys, os.environ if environ is None else environ)
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return sub.value(node) if isinstance(node, str) else node
+
+    return walk(tree)
+
+
+def _substitute_tree(tree: dict, issues: IssueCollector, prefix: tuple) -> dict:
+    """ChatLearn substitution over ``tree``, one problem per key with an unset variable."""
+    sub = _EnvSubstituter(set(tree), os.environ)
+
+    def walk(node: Any, path: tuple) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, path + (k,)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, path + (i,)) for i, v in enumerate(node)]
+        if not isinstance(node, str) or "${" not in node:
+            return node
+        try:
+            return sub.value(node)
+        except EnvVarNotSet as e:
+            issues.add(prefix + path, f"environment variable {e.name!r} is not set and {node!r} gives no "
+                                      f"default (write ${{{e.name}:default}} to give one)")
+            return None
+
+    return walk(tree, ())
+
+
+# --------------------------------------------------------- omegaconf interpolation
+def _resolve_tree(tree: dict, issues: IssueCollector, prefix: tuple) -> dict:
+    """Resolve omegaconf's interpolations in ``tree`` (its own root), key by key.
+
+    Resolving leaf by leaf (instead of one ``to_container(resolve=True)``)
+    lets every broken interpolation be reported with its own key.
+    """
+    pending: list[tuple] = []
+
+    def find(node: Any, path: tuple) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                find(v, path + (k,))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                find(v, path + (i,))
+        elif isinstance(node, str) and "${" in node:
+            try:  # a grammar error would make the whole tree unusable: check it alone
+                OmegaConf.create({"_": node})
+            except Exception as e:  # omegaconf raises GrammarParseError (and friends)
+                issues.add(prefix + path, f"invalid interpolation {node!r}: {_first_line(e)}")
+                _set(tree, path, None)
+                return
+            pending.append(path)
+
+    find(tree, ())
+    if not pending:
+        return tree
+    try:
+        root = OmegaConf.create(tree)
+    except Exception as e:  # e.g. a value type omegaconf cannot hold
+        issues.add(prefix, f"cannot interpolate: {_first_line(e)}")
+        return tree
+    resolved = copy.deepcopy(tree)
+    for path in pending:
+        try:
+            node: Any = root
+            for part in path:
+                node = node[part]
+            if isinstance(node, (DictConfig, ListConfig)):
+                node = OmegaConf.to_container(node, resolve=True)
+        except Exception as e:
+            issues.add(prefix + path, f"cannot resolve {_get(tree, path)!r}: {_first_line(e)}")
+            node = None
+        _set(resolved, path, node)
+    return resolved
+
+
+def _get(tree: Any, path: tuple) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def _set(tree: Any, path: tuple, value: Any) -> None:
+    _get(tree, path[:-1])[path[-1]] = value
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+# ----------------------------------------------------------------- model files
+def _load_model_args(name: str, entry: dict, issues: IssueCollector) -> None:
+    """Fill ``entry["args_dict"]`` from the model's ``model_config_file``."""
+    key_path = ("models", name, "model_config_file")
+    args_path = ("models", name, "args_dict")
+    file = entry.get("model_config_file")
+    if not file or not isinstance(file, str) or issues.is_bad(key_path):
+        return  # no file (args only inline), or a type problem validate() reports
+    target = os.path.abspath(os.path.join(issues.base_dir_for(key_path), os.path.expanduser(file)))
+    if not os.path.isfile(target):
+        issues.add(key_path, f"model_config_file not found: {file!r} (looked for {display_path(target)})")
+        return
+    entry["model_config_file"] = target
+    file_args, file_src = _load_tree(target, issues)
+    # Key paths of the file's own keys, as they appear in the final config.
+    file_src = {args_path + p: f for p, f in file_src.items()}
+    # While the file's values are substituted and resolved, problems must name
+    # the file (or include) they came from, not the main config.
+    main_sources, issues.sources = issues.sources, file_src
+    try:
+        file_args = _substitute_tree(file_args, issues, args_path)
+        file_args = _resolve_tree(file_args, issues, args_path)
+    finally:
+        issues.sources = main_sources
+    inline = entry.get("args_dict")
+    if inline is None:
+        inline = {}
+    if not isinstance(inline, dict):
+        return  # validate() reports the type
+    # Inline args_dict keys (and overrides of them) win over the file's.
+    inline_src = {p: f for p, f in issues.sources.items() if p[:len(args_path)] == args_path}
+    merged_src = dict(file_src)
+    _merge(file_args, merged_src, inline, inline_src, args_path)
+    entry["args_dict"] = file_args
+    for p in inline_src:
+        del issues.sources[p]
+    issues.sources.update(merged_src)
+
+
+# ------------------------------------------------------------------ public API
+def load_config(path: Union[str, os.PathLike], overrides: Overrides = None) -> ChatLearnConfig:
+    """Load, resolve and validate a chatlearn YAML config.
+
+    ``overrides``: dotlist strings (``["runtime.num_episode=3"]``) or a mapping
+    (nested, or with dotted keys); they win over the files and may use
+    ``${name:default}`` too. Relative paths given in overrides are resolved
+    from the current directory.
+
+    Raises ``ConfigError`` listing every problem found.
+    """
+    from chatlearn.config.validate import build_config
+
+    main_file = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(main_file):
+        raise ConfigError([ConfigIssue(main_file, "", "config file not found")])
+    issues = IssueCollector(main_file)
+    tree, sources = _load_tree(main_file, issues)
+    issues.sources = sources
+    over = _parse_overrides(overrides, issues)
+    _merge(tree, issues.sources, over, _mark(over, OVERRIDES_SOURCE))
+    issues.sources[()] = main_file
+
+    tree = _substitute_tree(tree, issues, ())
+    tree = _resolve_tree(tree, issues, ())
+    models = tree.get("models")
+    if isinstance(models, dict):
+        for name, entry in models.items():
+            if isinstance(entry, dict):
+                _load_model_args(name, entry, issues)
+    cfg = build_config(tree, issues)
+    issues.raise_if_any()
+    cfg.config_path = main_file
+    return cfg
+
+
+def config_to_dict(cfg: ChatLearnConfig, internal: bool = False) -> dict:
+    """``cfg`` as plain dicts/lists, in YAML key order (for printing or saving).
+
+    ``internal=True`` keeps the fields the loader fills in (``config_path``,
+    each model's ``name``), which are not config keys.
+    """
+
+    def convert(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if internal or not f.metadata.get("internal")}
+        if isinstance(obj, dict):
+            return {k: convert(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [convert(v) for v in obj]
+        return obj
+
+    return convert(cfg)
+

@@ -1,0 +1,165 @@
+"""The typed schema of a chatlearn YAML config.
+
+A config has three top-level sections, as in ChatLearn 1.x:
+
+    runtime_env:   how Ray workers are started (env vars, working dir, cluster address)
+    models:        one entry per model role (policy, reference, reward, ...)
+    runtime:       the episode loop: sizes, batching, relay, checkpoints, output
+
+Every field below has a default, so a YAML file only names what it changes.
+The loader (``chatlearn.config.loader``) reads YAML, resolves ``${name:default}``
+values and ``includes``, and validates against these dataclasses; the validator
+(``chatlearn.config.validate``) adds the cross-field checks.
+
+The contents of a model's ``model_config_file`` are free-form backend arguments
+(Megatron's and vLLM's own); they land in ``ModelConfig.args_dict`` untouched,
+except that the vLLM sampling/engine keys listed in ``VLLMArgs`` are type-checked
+when present.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class LoraConfig:
+    enable_lora: bool = False
+    lora_dim: int = 8
+    # Comma-separated layer types that become LoRA layers.
+    lora_layer: str = "ColumnParallelLinear,LinearLayer,RowParallelLinear"
+    lora_dropout: float = 0.0
+    # Only adapt the fused qkv projection among the column-parallel layers.
+    column_only_qkv: bool = False
+    lora_scaling: float = 1.0
+
+
+@dataclass
+class BatchGenerationConfig:
+    # Sort an episode's prompts by length before batching, to cut padding.
+    ranking: bool = False
+    # Prompts shorter than this many tokens are dropped from generation.
+    min_prompt_length: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """One entry of ``models:``."""
+
+    # Relative paths are resolved from the directory of the file that names it;
+    # after loading this holds the absolute path.
+    model_config_file: str = ""
+    num_gpu: int = 0
+    # Device slots used on a CPU-only run (each slot is one process).
+    num_cpu: int = 0
+    gpu_per_process: int = 1
+    trainable: bool = False
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # Per-replica batch for forward_step; -1 takes runtime.generation_batch_size.
+    generation_batch_size: int = -1
+    # Sync weights from this model's trainer every N episodes.
+    sync_frequency: int = 1
+    # Offload weights/optimizer/grad buffers when the model is idle.
+    free_memory: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    batch_generation: BatchGenerationConfig = field(default_factory=BatchGenerationConfig)
+    # Free-form backend arguments read from model_config_file (and any
+    # keys given inline under ``args_dict:``).
+    args_dict: dict[str, Any] = field(default_factory=dict)
+    # The model's key under ``models:``; set by the loader, not read from YAML
+    # (fields with metadata internal=True are not config keys).
+    name: str = field(default="", metadata={"internal": True})
+
+
+@dataclass
+class RuntimeConfig:
+    """The ``runtime:`` section."""
+
+    # Each entry is a comma-separated group of model names sharing devices.
+    colocation: list[str] = field(default_factory=list)
+    num_episode: int = 1
+    sample_per_episode: int = 16
+    num_training_epoch: int = 1
+    generation_batch_size: int = 4
+    train_micro_batch_size: int = 2
+    train_global_batch_size: int = 4
+    stream_data_loader_type: str = "fixed"
+    # Relay buffers: keep the last N episodes (0 off, -1 all).
+    max_relay_episode: int = 0
+    # Relay starts after this many episodes.
+    relay_episode_offset: int = 0
+    # Save data state and models every N episodes (0 off).
+    save_episode_interval: int = 0
+    # Evaluate every N episodes (0 off).
+    eval_episode_interval: int = 0
+    # Must exist when non-empty; a relative path is resolved from the directory
+    # of the file that names it (the loaded config holds the absolute path).
+    data_path: Optional[str] = None
+    eval_data_path: Optional[str] = None
+    # Where checkpoints go; empty means ``<output_dir>/<exp_name>/checkpoints``.
+    data_checkpoint_path: Optional[str] = None
+    output_dir: str = "output"
+    exp_name: str = "chatlearn"
+    enable_resume_training: bool = True
+    adaptive_parallel_strategy_on_checkpoint: bool = False
+    validate_param_sync: bool = False
+    debug: bool = False
+    seed: int = 1234
+    # Parameter sync transport bucket size.
+    coalesced_buffer_mb: int = 100
+    # A remote call that takes longer than this is reported as stuck.
+    actor_timeout_s: float = 1800.0
+    # Address of an existing Ray cluster; empty starts a local one.
+    ray_address: Optional[str] = None
+
+
+@dataclass
+class RuntimeEnvConfig:
+    """The ``runtime_env:`` section: how Ray workers start."""
+
+    platform: str = "local"
+    env_vars: dict[str, str] = field(default_factory=dict)
+    working_dir: Optional[str] = None
+    excludes: list[str] = field(default_factory=list)
+    pip: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ChatLearnConfig:
+    runtime_env: RuntimeEnvConfig = field(default_factory=RuntimeEnvConfig)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # Absolute path of the YAML file the config was loaded from; set by the loader.
+    config_path: str = field(default="", metadata={"internal": True})
+
+
+@dataclass
+class VLLMArgs:
+    """vLLM sampling and engine keys, with ChatLearn's names.
+
+    These live in a generation model's ``model_config_file``; when present they
+    are type-checked, and the vLLM module maps them to ``SamplingParams`` and
+    ``LLM(...)`` arguments.
+    """
+
+    n: int = 1
+    ignore_eos: bool = False
+    top_p: float = 1.0
+    top_k: int = -1
+    temperature: float = 1.0
+    use_beam_search: bool = False
+    eval_temperature: float = 0.0
+    eval_top_k: int = -1
+    eval_top_p: float = 1.0
+    # Semicolon-separated stop strings.
+    stop_token_list: Optional[str] = None
+    # Cap generation at max_new_tokens (else at the model's max length).
+    new_token_limit: bool = False
+    max_new_tokens: int = 64
+    prompt_logprobs: Optional[int] = None
+    max_num_batched_tokens: int = 8192
+    max_paddings: int = 256
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    tokenizer: Optional[str] = None

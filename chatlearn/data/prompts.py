@@ -1,0 +1,148 @@
+"""The prompt source of the episode loop.
+
+``PromptDataset`` hands out prompts episode by episode. It walks the prompt list
+in *passes*: pass ``p`` visits every prompt once, in the order
+``seeded_permutation(len(prompts), seed, p)`` (or file order when
+``shuffle=False``). An episode that needs more prompts than the current pass has
+left continues into the next pass, so every prompt is used equally often.
+
+The state is two integers (pass number, position in the pass), so a resumed run
+sees exactly the prompts an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from chatlearn.data.batching import seeded_permutation
+
+# Keys checked, in order, by ``default_prompt_length`` for already-tokenized prompts.
+TOKEN_KEYS = ("input_ids", "prompt_token_ids", "prompt_ids", "tokens")
+
+
+class PromptDataset:
+    """Deterministic, resumable, cycling iterator over a list of prompts."""
+
+    def __init__(self, prompts: Sequence[Any], seed: int = 1234, shuffle: bool = True) -> None:
+        if len(prompts) == 0:
+            raise ValueError("PromptDataset needs at least one prompt")
+        self._prompts = list(prompts)
+        self._seed = int(seed)
+        self._shuffle = bool(shuffle)
+        self._pass = 0
+        self._pos = 0
+        self._consumed = 0
+        self._order = self._order_for_pass(0)
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+    @property
+    def prompts(self) -> list[Any]:
+        """All prompts in file order (e.g. for a one-shot evaluation set)."""
+        return list(self._prompts)
+
+    @property
+    def consumed(self) -> int:
+        """Prompts handed out so far, over all passes."""
+        return self._consumed
+
+    @property
+    def pass_number(self) -> int:
+        return self._pass
+
+    def _order_for_pass(self, pass_number: int) -> list[int]:
+        if not self._shuffle:
+            return list(range(len(self._prompts)))
+        return seeded_permutation(len(self._prompts), self._seed, pass_number)
+
+    def next_episode(self, n: int) -> list[Any]:
+        """The next ``n`` prompts; ``n`` may exceed the dataset size."""
+        if n < 0:
+            raise ValueError(f"next_episode: n must be >= 0, got {n}")
+        out: list[Any] = []
+        while len(out) < n:
+            if self._pos == len(self._order):
+                self._pass += 1
+                self._pos = 0
+                self._order = self._order_for_pass(self._pass)
+            take = min(n - len(out), len(self._order) - self._pos)
+            out.extend(self._prompts[i] for i in self._order[self._pos : self._pos + take])
+            self._pos += take
+        self._consumed += n
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "consumed": self._consumed,
+            "pass": self._pass,
+            "pos": self._pos,
+            "seed": self._seed,
+            "shuffle": self._shuffle,
+            "num_prompts": len(self._prompts),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a position saved by ``state_dict``.
+
+        The checkpoint's seed and shuffle flag win over the constructor's, since
+        the order of the pass in progress depends on them.
+        """
+        if state["num_prompts"] != len(self._prompts):
+            raise ValueError(
+                f"PromptDataset checkpoint was written for {state['num_prompts']} prompts, "
+                f"but the dataset has {len(self._prompts)}; the prompt order cannot be resumed"
+            )
+        self._seed = int(state["seed"])
+        self._shuffle = bool(state["shuffle"])
+        self._pass = int(state["pass"])
+        self._pos = int(state["pos"])
+        self._consumed = int(state["consumed"])
+        self._order = self._order_for_pass(self._pass)
+
+
+def default_prompt_length(prompt: Any) -> int:
+    """Length of a prompt: token count when tokenized, else character count.
+
+    Strings, lists, tuples and 1-D tensors use ``len``; dicts use the first of
+    ``TOKEN_KEYS`` present, falling back to a ``"prompt"`` string.
+    """
+    if isinstance(prompt, Mapping):
+        for key in TOKEN_KEYS:
+            if key in prompt:
+                return _len(prompt[key])
+        if "prompt" in prompt:
+            return _len(prompt["prompt"])
+        raise TypeError(
+            f"cannot tell the length of a prompt with keys {sorted(prompt)}; pass length_fn"
+        )
+    return _len(prompt)
+
+
+def _len(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return int(value.shape[-1]) if value.dim() else 1
+    return len(value)
+
+
+def rank_by_length(
+    prompts: Sequence[Any],
+    length_fn: Optional[Callable[[Any], int]] = None,
+    descending: bool = False,
+) -> list[Any]:
+    """Prompts sorted by length; ties keep their input order (stable)."""
+    length_fn = length_fn or default_prompt_length
+    return sorted(prompts, key=length_fn, reverse=descending)
+
+
+def filter_min_prompt_length(
+    prompts: Sequence[Any],
+    min_prompt_length: int,
+    length_fn: Optional[Callable[[Any], int]] = None,
+) -> list[Any]:
+    """Drop prompts shorter than ``min_prompt_length`` (0 or less keeps all)."""
+    if min_prompt_length <= 0:
+        return list(prompts)
+    length_fn = length_fn or default_prompt_length
+    return [p for p in prompts if length_fn(p) >= min_prompt_length]

@@ -1,0 +1,98 @@
+"""Plain-PyTorch modules: small models, rule-based rewards, tests.
+
+Set ``self.model`` (an ``nn.Module``) and, for trainers, ``self.optimizer`` in
+``setup()``. Checkpoints, weight sync and offloading then work without more
+code: weights travel under their ``state_dict`` names, which for a Hugging
+Face model are already the canonical Hugging Face names.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional
+
+import torch
+
+from chatlearn.models.base import BaseModule
+from chatlearn.utils import platform
+
+
+class TorchModule(BaseModule):
+    model: Optional[torch.nn.Module] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+
+    @property
+    def device(self) -> torch.device:
+        return platform.torch_device()
+
+    # -- checkpoints -------------------------------------------------------------
+    def _rank_file(self, path: str) -> str:
+        rank = self.worker.rank if self.worker else 0
+        return os.path.join(path, f"rank_{rank:03d}.pt")
+
+    def save_checkpoint(self, path: str) -> None:
+        from chatlearn.utils.atomic import atomic_torch_save
+
+        state = {
+            "model": self.model.state_dict() if self.model is not None else None,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            # RNG states, so a resumed run samples exactly as the uninterrupted one would.
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        os.makedirs(path, exist_ok=True)
+        atomic_torch_save(state, self._rank_file(path))
+
+    def load_checkpoint(self, path: str) -> None:
+        file = self._rank_file(path)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"model {self.name!r}: no checkpoint shard at {file}")
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        if self.model is not None and state["model"] is not None:
+            self.model.load_state_dict(state["model"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+
+    # -- weight sync -------------------------------------------------------------
+    def named_parameters_for_sync(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().to("cpu") for name, t in self.model.state_dict().items()}
+
+    def load_parameters_from_sync(self, params: dict[str, torch.Tensor]) -> None:
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(params))
+        unexpected = sorted(set(params) - set(own))
+        if missing or unexpected:
+            raise KeyError(
+                f"model {self.name!r}: weight sync names do not match "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        with torch.no_grad():
+            for name, tensor in params.items():
+                if own[name].shape != tensor.shape:
+                    raise ValueError(
+                        f"model {self.name!r}: {name} has shape {tuple(own[name].shape)}, "
+                        f"sync sent {tuple(tensor.shape)}"
+                    )
+                own[name].copy_(tensor)
+
+    # -- memory ------------------------------------------------------------------
+    def offload(self) -> None:
+        # On CPU there is nowhere cheaper to move tensors to; on GPU, host memory.
+        if platform.has_gpu() and self.model is not None:
+            self.model.to("cpu")
+            self._move_optimizer_state("cpu")
+            torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        if platform.has_gpu() and self.model is not None:
+            self.model.to(self.device)
+            self._move_optimizer_state(self.device)
+
+    def _move_optimizer_state(self, device) -> None:
+        if self.optimizer is None:
+            return
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    state[key] = value.to(device)

@@ -1,0 +1,212 @@
+"""One model spread over Ray workers: replicas of ranks, and the dispatch rules.
+
+A model with ``devices`` slots and tensor x pipeline size ``tp*pp`` becomes:
+
+* an inference model: ``devices / (tp*pp)`` independent replicas, each its own
+  torch.distributed group of ``tp*pp`` ranks;
+* a trainable model: one group of ``devices`` ranks, data parallel over
+  ``dp = devices / (tp*pp)``, as Megatron expects.
+
+The driver never talks to workers directly: flows call the module handle,
+whose remote methods are bound here to ``round_robin``, ``data_parallel`` or
+``all_ranks`` according to the module class's ``dispatch_modes``.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from chatlearn.models.base import ALL_RANKS, DATA_PARALLEL, ROUND_ROBIN, BaseModule, WorkerInfo
+from chatlearn.runtime.calls import CallLabel, CallTracker
+from chatlearn.runtime.worker import ModelWorker
+
+
+@dataclass
+class RemoteBatch:
+    """The future output of one flow stage (a batch dict once computed)."""
+
+    ref: ray.ObjectRef
+    producer: str  # "model.method", for error messages and the flow graph
+
+
+@dataclass
+class WorkerHandle:
+    actor: Any
+    info: WorkerInfo
+    dp_rank: int = 0
+    is_output_rank: bool = False
+
+
+@dataclass
+class DistModel:
+    module: BaseModule
+    tp: int
+    pp: int
+    num_devices: int
+    bundles: list[int]  # placement-group bundle (device slot) of each rank, replica-major
+    share: list[float]  # fraction of its slot each rank requests (1/k when k models colocate)
+    resource: str  # "GPU" or "CPU"
+    trainable: bool
+    replicas: list[list[WorkerHandle]] = field(default_factory=list)
+    tracker: Optional[CallTracker] = None
+    # Per-method call counters, passed to the module as ``iteration``; saved in checkpoints.
+    iterations: dict[str, int] = field(default_factory=dict)
+    loaded: bool = True  # False while offloaded (free_memory)
+    _next_replica: Optional[itertools.cycle] = None
+    _train_outputs: list = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.module.name
+
+    @property
+    def ranks_per_replica(self) -> int:
+        return self.num_devices if self.trainable else self.tp * self.pp
+
+    @property
+    def num_replicas(self) -> int:
+        return self.num_devices // self.ranks_per_replica
+
+    @property
+    def dp_size(self) -> int:
+        return self.num_devices // (self.tp * self.pp) if self.trainable else 1
+
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        return [w for replica in self.replicas for w in replica]
+
+    # -- start-up ----------------------------------------------------------------
+    def create_workers(self, placement_group, config, env_vars: dict[str, str]) -> None:
+        remote_cls = ray.remote(ModelWorker)
+        for replica_id in range(self.num_replicas):
+            replica = []
+            for rank in range(self.ranks_per_replica):
+                index = replica_id * self.ranks_per_replica + rank
+                info = WorkerInfo(replica_id, rank, self.ranks_per_replica, self.tp, self.pp, self.dp_size)
+                options = dict(
+                    num_cpus=self.share[index] if self.resource == "CPU" else 0,
+                    num_gpus=self.share[index] if self.resource == "GPU" else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=placement_group, placement_group_bundle_index=self.bundles[index]
+                    ),
+                    runtime_env={"env_vars": env_vars},
+                    max_concurrency=1,
+                )
+                actor = remote_cls.options(**options).remote(type(self.module), self.name, config, info, env_vars)
+                replica.append(WorkerHandle(actor, info))
+            self.replicas.append(replica)
+        self.reset_round_robin()
+
+    def reset_round_robin(self) -> None:
+        """Start each episode at replica 0, so a resumed run places batches as the original did."""
+        self._next_replica = itertools.cycle(range(self.num_replicas))
+
+    def init_distributed(self, timeout_s: float) -> list[ray.ObjectRef]:
+        """Each replica's ranks rendezvous at its rank 0's address."""
+        addresses = self.tracker.get([self._track(r[0], "start", r[0].actor.address.remote())
+                                      for r in self.replicas], timeout_s)
+        refs = []
+        for replica, (addr, port) in zip(self.replicas, addresses):
+            for w in replica:
+                refs.append(self._track(w, "init_distributed", w.actor.init_distributed.remote(addr, port, timeout_s)))
+        return refs
+
+    def setup(self, timeout_s: float) -> None:
+        refs = [self._track(w, "setup", w.actor.setup.remote()) for w in self.workers]
+        for w, info in zip(self.workers, self.tracker.get(refs, timeout_s)):
+            w.dp_rank, w.is_output_rank = info["dp_rank"], info["is_output_rank"]
+        for replica in self.replicas:
+            if not any(w.is_output_rank for w in replica):
+                raise RuntimeError(f"model {self.name!r}: no rank of replica {replica[0].info.replica_id} "
+                                   "says is_output_rank()")
+
+    def bind(self) -> None:
+        """Make the driver-side module handle call its workers."""
+        self.module._dist = self
+        for method in type(self.module).remote_methods():
+            mode = type(self.module).dispatch_mode(method)
+            if mode == ROUND_ROBIN:
+                setattr(self.module, method, _bound(self.round_robin, method))
+            elif mode == DATA_PARALLEL:
+                setattr(self.module, method, _bound(self.data_parallel, method))
+            elif mode == ALL_RANKS:
+                setattr(self.module, method, _bound(self.all_ranks, method))
+
+    def kill(self) -> None:
+        for w in self.workers:
+            ray.kill(w.actor, no_restart=True)
+        self.replicas.clear()
+
+    # -- dispatch ----------------------------------------------------------------
+    def round_robin(self, method: str, *inputs) -> RemoteBatch:
+        """Send a batch (or several upstream batches, merged) to the next replica."""
+        replica = self.replicas[next(self._next_replica)]
+        iteration = self._next_iteration(method)
+        args = [x.ref if isinstance(x, RemoteBatch) else x for x in inputs]
+        output = None
+        for w in replica:
+            ref = self._track(w, method, w.actor.forward.remote(method, iteration, *args))
+            if w.is_output_rank and output is None:
+                output = ref
+        return RemoteBatch(output, f"{self.name}.{method}")
+
+    def data_parallel(self, method: str, batch, *extra) -> list[ray.ObjectRef]:
+        """Each rank gets the micro-batches of its data-parallel rank. ``batch`` is a
+        ``TrainBatch`` (split here by this model's dp size) or a per-dp-rank list."""
+        per_dp_rank = batch.per_dp_rank(self.dp_size) if hasattr(batch, "per_dp_rank") else batch
+        if len(per_dp_rank) != self.dp_size:
+            raise ValueError(f"model {self.name!r}: {method} got data for {len(per_dp_rank)} "
+                             f"data-parallel ranks, the model has {self.dp_size}")
+        iteration = self._next_iteration(method)
+        refs = [
+            self._track(w, method, w.actor.call.remote(method, per_dp_rank[w.dp_rank], iteration, *extra))
+            for w in self.workers
+        ]
+        outputs = [r for r, w in zip(refs, self.workers) if w.is_output_rank]
+        self._train_outputs.extend(outputs)
+        return outputs
+
+    def take_train_outputs(self) -> list[ray.ObjectRef]:
+        """Output-rank results of the data-parallel calls since the last take."""
+        outputs, self._train_outputs = self._train_outputs, []
+        return outputs
+
+    def all_ranks(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
+        return [self._track(w, method, w.actor.call.remote(method, *args, **kwargs)) for w in self.workers]
+
+    def call_output_ranks(self, method: str, *args, **kwargs) -> list[Any]:
+        """Run on every rank; return the results of each replica's output rank."""
+        refs = self.all_ranks(method, *args, **kwargs)
+        results = self.tracker.get(refs)
+        return [r for r, w in zip(results, self.workers) if w.is_output_rank]
+
+    def pop_timings(self) -> dict[str, float]:
+        """Seconds spent per method, summed over replicas, max over a replica's ranks."""
+        per_worker = self.tracker.get([self._track(w, "pop_timings", w.actor.pop_timings.remote())
+                                       for w in self.workers])
+        totals: dict[str, float] = {}
+        for replica_id in range(self.num_replicas):
+            ranks = per_worker[replica_id * self.ranks_per_replica:(replica_id + 1) * self.ranks_per_replica]
+            for method in {m for t in ranks for m in t}:
+                totals[method] = totals.get(method, 0.0) + max(t.get(method, 0.0) for t in ranks)
+        return totals
+
+    def _next_iteration(self, method: str) -> int:
+        it = self.iterations.get(method, 0)
+        self.iterations[method] = it + 1
+        return it
+
+    def _track(self, w: WorkerHandle, method: str, ref: ray.ObjectRef) -> ray.ObjectRef:
+        return self.tracker.track(ref, CallLabel(self.name, w.info.replica_id, w.info.rank, method))
+
+
+def _bound(dispatcher, method: str):
+    def call(*args, **kwargs):
+        return dispatcher(method, *args, **kwargs)
+
+    call.__name__ = method
+    return call

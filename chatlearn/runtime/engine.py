@@ -1,0 +1,485 @@
+"""Engines: the single controller that runs episodes.
+
+``Engine.learn()`` reads like the algorithm:
+
+    for episode:
+        samples  = environment flow over this episode's prompts   (streamed over replicas)
+        samples  = relay buffers' choice of training samples
+        for epoch, global batch: trainer flow                     (data parallel)
+        parameter sync: each trainer -> its inference model
+        evaluate, log metrics, checkpoint
+
+Start-up order matters and lives in ``_setup``: config checks first (nothing
+started yet), then Ray and placement, then workers, then resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from chatlearn.config.globals import get_args
+from chatlearn.data.batching import collate, shard_sizes, split_batch
+from chatlearn.data.prompts import PromptDataset, filter_min_prompt_length, rank_by_length
+from chatlearn.data.relay import RelayBuffers
+from chatlearn.data.stream_dataset import StreamDataset
+from chatlearn.models.base import BaseModule
+from chatlearn.runtime.calls import CallTracker
+from chatlearn.runtime.dist_model import DistModel, RemoteBatch
+from chatlearn.runtime.flow import BaseFlow, Environment, Evaluator, Trainer
+from chatlearn.synchronizer.base import ParameterSynchronizer, StateDictSynchronizer
+from chatlearn.utils.atomic import atomic_checkpoint, atomic_torch_save, latest_complete_checkpoint
+from chatlearn.utils.logging import get_logger
+from chatlearn.utils.metrics import MetricsWriter, mean_metrics
+
+logger = get_logger(__name__)
+
+# Starting workers (process start, imports, model build) is not what
+# runtime.actor_timeout_s guards, and can take minutes for large models.
+STARTUP_TIMEOUT_S = 900.0
+
+
+class FlowError(ValueError):
+    """A flow uses a model the config or the engine does not know."""
+
+
+class TrainBatch:
+    """One global training batch: the samples, split per trainer by its data-parallel size."""
+
+    def __init__(self, samples: list[dict], micro_batch_size: int):
+        self.samples = samples
+        self.micro_batch_size = micro_batch_size
+
+    def per_dp_rank(self, dp_size: int) -> list[list[dict]]:
+        """Contiguous shards (sizes differ by at most one), each cut into collated micro-batches."""
+        shards, start = [], 0
+        for size in shard_sizes(len(self.samples), dp_size):
+            shards.append(self.samples[start:start + size])
+            start += size
+        mb = self.micro_batch_size
+        return [[collate(shard[i:i + mb]) for i in range(0, len(shard), mb)] for shard in shards]
+
+
+class Engine:
+    """Runs an environment flow, a trainer flow and an optional evaluator."""
+
+    def __init__(self, environment: Environment, trainer: Trainer, evaluator: Optional[Evaluator] = None):
+        self.config = get_args()
+        self.runtime = self.config.runtime
+        self.environment = environment
+        self.trainer = trainer
+        self.evaluator = evaluator
+        self.flows: list[BaseFlow] = [f for f in (environment, trainer, evaluator) if f is not None]
+        self.models: dict[str, BaseModule] = {}
+        for flow in self.flows:
+            self._register_flow_models(flow)
+        self.sync_pairs: list[tuple[str, str, ParameterSynchronizer]] = []
+        self.relay_sample_fn: Optional[Callable] = None
+        self.prompts: Optional[list] = None
+        self.dist: dict[str, DistModel] = {}
+        self.tracker = CallTracker(self.runtime.actor_timeout_s)
+        self._placement_group = None
+        self._started_ray = False
+        self._metrics: Optional[MetricsWriter] = None
+        self.history: list[dict[str, float]] = []
+        self.start_episode = 0
+
+    # -- user API ----------------------------------------------------------------
+    def set_dataset(self, prompts: list) -> "Engine":
+        if len(prompts) == 0:
+            raise ValueError("set_dataset: the prompt list is empty")
+        self.prompts = list(prompts)
+        return self
+
+    def set_relay_sample_fn(self, fn: Callable[[list], list[dict]]) -> "Engine":
+        """``fn(episode_relay_buffers) -> samples`` picks the training samples of each
+        episode from the kept ``EpisodeRelayBuffer``s (oldest first)."""
+        self.relay_sample_fn = fn
+        return self
+
+    def set_parameter_sync(self, trainer: BaseModule, inference: BaseModule,
+                           synchronizer: Optional[ParameterSynchronizer] = None) -> "Engine":
+        """After training, send ``trainer``'s weights to ``inference`` (every sync_frequency episodes)."""
+        for model in (trainer, inference):
+            if model.name not in self.models:
+                raise FlowError(f"set_parameter_sync: model {model.name!r} is not used by any flow of this engine")
+        self.sync_pairs.append((trainer.name, inference.name, synchronizer or StateDictSynchronizer()))
+        return self
+
+    def learn(self) -> list[dict[str, float]]:
+        """Run ``runtime.num_episode`` episodes; returns the per-episode metrics."""
+        if self.prompts is None:
+            raise ValueError("call engine.set_dataset(prompts) before engine.learn()")
+        try:
+            self._setup()
+            self._run_episodes()
+        finally:
+            self.shutdown()
+        return self.history
+
+    # -- start-up ----------------------------------------------------------------
+    def _register_flow_models(self, flow: BaseFlow) -> None:
+        models = flow.models()
+        if not models:
+            raise FlowError(f"{flow.kind} flow {flow.fn_name}() calls no chatlearn model")
+        for model in models:
+            other = self.models.get(model.name)
+            if other is not None and other is not model:
+                raise FlowError(f"two different models are named {model.name!r}: {other!r} and {model!r}")
+            if model.name not in self.config.models:
+                known = ", ".join(sorted(self.config.models)) or "none"
+                raise FlowError(
+                    f"{flow.kind} flow {flow.fn_name}() uses model {model.name!r}, which is not declared under "
+                    f"models: in {self.config.config_path or 'the config'} (declared: {known})"
+                )
+            self.models[model.name] = model
+        flow.trace()
+
+    def _setup(self) -> None:
+        # Ordering: placement needs Ray; workers need the placement group; setup()
+        # needs torch.distributed; resume needs set-up workers; the first sync
+        # needs both sides of each pair loaded.
+        self._start_ray()
+        self._create_models()
+        self._setup_data()
+        self._setup_output()
+        self._maybe_resume()
+
+    def _start_ray(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        from chatlearn.config.placement import detect_device, plan_placement
+
+        self.placement = plan_placement(self.config, detect_device(self.config))
+        for warning in self.placement.warnings:
+            logger.warning(warning)
+        # One placement group holds every device slot: the run's own pool first,
+        # then (on a mixed GPU run) the CPU-process pool.
+        pools = sorted(self.placement.num_slots, key=lambda p: p != self.placement.device)
+        self._bundle_offset, bundles, offset = {}, [], 0
+        for pool in pools:
+            self._bundle_offset[pool] = offset
+            bundles += [{"GPU" if pool == "gpu" else "CPU": 1} for _ in range(self.placement.num_slots[pool])]
+            offset += self.placement.num_slots[pool]
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True)
+            if self.runtime.ray_address:
+                kwargs["address"] = self.runtime.ray_address
+            else:
+                # Logical slots: a CPU run may place more ranks than the machine has cores.
+                kwargs["num_cpus"] = max(self.placement.num_slots.get("cpu", 0), os.cpu_count() or 1)
+            ray.init(**kwargs)
+            self._started_ray = True
+        self._placement_group = placement_group(bundles, strategy="PACK")
+        if not self._placement_group.wait(timeout_seconds=120):
+            raise RuntimeError(f"Ray could not reserve the {len(bundles)} device slots this config needs "
+                               f"({bundles}); the cluster has {ray.cluster_resources()}")
+
+    def _worker_env(self) -> dict[str, str]:
+        env = {k: str(v) for k, v in self.config.runtime_env.env_vars.items()}
+        # Workers import the user's model classes by module name: give them the
+        # driver's import path.
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *paths]))
+        return env
+
+    def _create_models(self) -> None:
+        env = self._worker_env()
+        for name, model in self.models.items():
+            plan = self.placement.models[name]
+            if plan.num_processes != plan.num_devices:
+                raise NotImplementedError(f"models.{name}.gpu_per_process > 1 is not supported yet")
+            offset = self._bundle_offset[plan.device]
+            share = self.placement.slot_share(plan.device)
+            self.dist[name] = DistModel(
+                module=model,
+                tp=plan.tp,
+                pp=plan.pp,
+                num_devices=plan.num_devices,
+                bundles=[offset + slot for slot in plan.slots],
+                share=[1.0 / share[slot] for slot in plan.slots],
+                resource="GPU" if plan.device == "gpu" else "CPU",
+                trainable=plan.trainable,
+                tracker=self.tracker,
+            )
+            self.dist[name].create_workers(self._placement_group, self.config, {**env, "CHATLEARN_MODEL": name})
+        init_refs = [ref for d in self.dist.values() for ref in d.init_distributed(STARTUP_TIMEOUT_S)]
+        self.tracker.get(init_refs, STARTUP_TIMEOUT_S)
+        for d in self.dist.values():
+            d.setup(STARTUP_TIMEOUT_S)
+            d.bind()
+        logger.info("placed %s", ", ".join(f"{n}: {d.num_replicas} replica(s) x {d.ranks_per_replica} rank(s)"
+                                          for n, d in self.dist.items()))
+
+    def _setup_data(self) -> None:
+        first = self.dist[self.environment.graph[0].model]
+        samples = _as_samples(first.call_output_ranks("build_dataset", self.prompts, False)[0])
+        self.prompt_data = PromptDataset(samples, seed=self.runtime.seed)
+        self.relay = RelayBuffers(self.runtime.max_relay_episode, self.runtime.relay_episode_offset,
+                                  seed=self.runtime.seed)
+        if self.evaluator is not None and self.evaluator.prompts is not None:
+            first_eval = self.dist[self.evaluator.graph[0].model]
+            self.eval_samples = _as_samples(first_eval.call_output_ranks("build_dataset", self.evaluator.prompts,
+                                                                         True)[0])
+
+    def _setup_output(self) -> None:
+        self.run_dir = os.path.join(self.runtime.output_dir, self.runtime.exp_name)
+        self.checkpoint_root = self.runtime.data_checkpoint_path or os.path.join(self.run_dir, "checkpoints")
+        self._metrics = MetricsWriter(self.run_dir)
+
+    # -- the episode loop --------------------------------------------------------
+    def _run_episodes(self) -> None:
+        from tqdm import tqdm
+
+        episodes = range(self.start_episode, self.runtime.num_episode)
+        bar = tqdm(episodes, desc="episodes", unit="ep", disable=not sys.stderr.isatty())
+        for episode in bar:
+            metrics = self._run_episode(episode)
+            self.history.append(metrics)
+            self._metrics.write(episode, metrics)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
+            logger.info("episode %d/%d: %s", episode + 1, self.runtime.num_episode,
+                        ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("time/")))
+            if self.runtime.save_episode_interval and (episode + 1) % self.runtime.save_episode_interval == 0:
+                self.save_checkpoint(episode)
+
+    def _run_episode(self, episode: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        timer = functools.partial(_timed, metrics)
+        for d in self.dist.values():
+            d.reset_round_robin()
+        self._call_all("before_episode", episode)
+
+        with timer("time/environment"):
+            self._phase(active=self._flow_models(self.environment))
+            samples = self._run_flow(self.environment, self._episode_prompts())
+        if self.runtime.stream_data_loader_type == "fixed" and len(samples) != self.runtime.sample_per_episode:
+            raise ValueError(f"environment flow {self.environment.fn_name}() produced {len(samples)} samples; "
+                             f"runtime.stream_data_loader_type 'fixed' needs exactly "
+                             f"runtime.sample_per_episode={self.runtime.sample_per_episode} (use 'dynamic')")
+        self.relay.add(episode, samples)
+        fixed = self.runtime.stream_data_loader_type == "fixed"
+        train_samples = self.relay.select(episode, self.relay_sample_fn,
+                                          num_samples=self.runtime.sample_per_episode if fixed else None)
+        metrics["samples/environment"] = len(samples)
+        metrics["samples/train"] = len(train_samples)
+
+        with timer("time/train"):
+            self._phase(active=self._flow_models(self.trainer))
+            metrics.update(self._train(episode, train_samples))
+
+        with timer("time/sync"):
+            self._sync_parameters(episode, metrics)
+
+        self._call_all("after_episode", episode)
+        if self.evaluator is not None and self.runtime.eval_episode_interval and \
+                (episode + 1) % self.runtime.eval_episode_interval == 0:
+            with timer("time/eval"):
+                metrics.update(self.evaluate(episode))
+        for name, d in self.dist.items():
+            for method, seconds in d.pop_timings().items():
+                if method in d.module.remote_methods():
+                    metrics[f"time/{name}.{method}"] = seconds
+        return metrics
+
+    def _episode_prompts(self) -> list[dict]:
+        prompts = self.prompt_data.next_episode(self.runtime.sample_per_episode)
+        first = self.config.models[self.environment.graph[0].model]
+        generation = first.batch_generation
+        if generation.min_prompt_length > 0:
+            prompts = filter_min_prompt_length(prompts, generation.min_prompt_length)
+        if generation.ranking:
+            prompts = rank_by_length(prompts)
+        return prompts
+
+    def _run_flow(self, flow: BaseFlow, samples: list[dict]) -> list[dict]:
+        """Stream batches of samples through a flow; all batches are in flight at once."""
+        first = self.config.models[flow.graph[0].model]
+        batch_size = first.generation_batch_size if first.generation_batch_size > 0 \
+            else self.runtime.generation_batch_size
+        outputs = []
+        for start in range(0, len(samples), batch_size):
+            out = flow(collate(samples[start:start + batch_size]))
+            if not isinstance(out, RemoteBatch):
+                raise FlowError(f"{flow.kind} flow {flow.fn_name}() must return the output of a model call")
+            outputs.append(out)
+        batches = self.tracker.get([o.ref for o in outputs])
+        self.tracker.wait_all()  # the non-output ranks too: their errors must surface
+        return [s for batch in batches for s in split_batch(batch)]
+
+    def _stream(self, episode: int) -> StreamDataset:
+        # A custom relay_sample_fn decides how many samples to train on, so its
+        # episodes are batched like dynamic ones.
+        mode = self.runtime.stream_data_loader_type
+        if self.relay_sample_fn is not None and self.relay.relay_active(episode):
+            mode = "dynamic"
+        # Trainers may differ in data-parallel size, so the stream hands out whole
+        # global batches of samples (one uncollated "micro-batch" on one rank) and
+        # each trainer's DistModel splits them for its own ranks (TrainBatch).
+        global_batch = self.runtime.train_global_batch_size
+        return StreamDataset(
+            mode=mode,
+            sample_per_episode=self.runtime.sample_per_episode,
+            train_global_batch_size=global_batch,
+            train_micro_batch_size=global_batch,
+            dp_size=1,
+            num_training_epoch=self.runtime.num_training_epoch,
+            seed=self.runtime.seed,
+            collate_fn=list,
+        )
+
+    def _train(self, episode: int, samples: list[dict]) -> dict[str, float]:
+        stream = self._stream(episode)
+        stream.set_samples(episode, samples)
+        steps = 0
+        for _epoch, _step, per_rank in stream.iter_train_batches():
+            (global_batch,) = per_rank[0]
+            self.trainer(TrainBatch(global_batch, self.runtime.train_micro_batch_size))
+            steps += 1
+        # Steps were queued without waiting; collect every trainer's outputs now.
+        results = [r for d in self.dist.values() for r in self.tracker.get(d.take_train_outputs())]
+        self.tracker.wait_all()
+        merged = mean_metrics([r for r in results if isinstance(r, dict)])
+        merged["train/steps"] = float(steps)
+        return merged
+
+    def _sync_parameters(self, episode: int, metrics: dict[str, float]) -> None:
+        for src, dst, synchronizer in self.sync_pairs:
+            freq = self.config.models[src].sync_frequency
+            if freq <= 0 or (episode + 1) % freq != 0:
+                continue
+            self._phase(active={src, dst}, offload_others=False)
+            stats = synchronizer.sync(self.dist[src], self.dist[dst])
+            metrics[f"sync/{src}->{dst}/seconds"] = stats.get("seconds", 0.0)
+            if self.runtime.validate_param_sync:
+                synchronizer.validate(self.dist[src], self.dist[dst])
+            metrics[f"sync/{src}->{dst}/count"] = 1.0
+
+    def evaluate(self, episode: int) -> dict[str, float]:
+        if self.evaluator is None or self.evaluator.prompts is None:
+            return {}
+        self._phase(active=self._flow_models(self.evaluator))
+        results = self._run_flow(self.evaluator, self.eval_samples)
+        if self.evaluator.post_process_func is None:
+            return {"eval/num_samples": float(len(results))}
+        metrics = self.evaluator.post_process_func(results, episode) or {}
+        return {(k if k.startswith("eval/") else f"eval/{k}"): float(v) for k, v in metrics.items()}
+
+    # -- memory: colocated models with free_memory give memory back while idle ----
+    def _flow_models(self, flow: BaseFlow) -> set[str]:
+        return {node.model for node in flow.graph}
+
+    def _phase(self, active: set[str], offload_others: bool = True) -> None:
+        refs = []
+        for name, d in self.dist.items():
+            if not self.config.models[name].free_memory:
+                continue
+            want_loaded = name in active or (d.loaded and not offload_others)
+            if d.loaded != want_loaded:
+                refs += d.all_ranks("onload" if want_loaded else "offload")
+                d.loaded = want_loaded
+        self.tracker.get(refs)
+
+    def _call_all(self, method: str, *args) -> None:
+        self.tracker.get([ref for d in self.dist.values() for ref in d.all_ranks(method, *args)])
+
+    # -- checkpoints -------------------------------------------------------------
+    def save_checkpoint(self, episode: int) -> None:
+        """Data state and every model's state, written under a temporary name and
+        renamed into place only once all of it is on disk."""
+        with atomic_checkpoint(self.checkpoint_root, episode) as tmp:
+            state = {
+                "episode": episode,
+                "prompts": self.prompt_data.state_dict(),
+                "relay": self.relay.state_dict(),
+                "iterations": {n: dict(d.iterations) for n, d in self.dist.items()},
+                "history": self.history,
+            }
+            atomic_torch_save(state, os.path.join(tmp, "data_state.pt"))
+            refs = [ref for name, d in self.dist.items()
+                    for ref in d.all_ranks("save_checkpoint", os.path.join(tmp, "models", name))]
+            self.tracker.get(refs)
+        logger.info("saved checkpoint of episode %d under %s", episode + 1, self.checkpoint_root)
+
+    def _maybe_resume(self) -> None:
+        if not self.runtime.enable_resume_training:
+            return
+        found = latest_complete_checkpoint(self.checkpoint_root)
+        if found is None:
+            return
+        episode, path = found
+        state = torch.load(os.path.join(path, "data_state.pt"), map_location="cpu", weights_only=False)
+        self.prompt_data.load_state_dict(state["prompts"])
+        self.relay.load_state_dict(state["relay"])
+        for name, d in self.dist.items():
+            d.iterations.update(state["iterations"].get(name, {}))
+        self.history = list(state["history"])
+        self.tracker.get([ref for name, d in self.dist.items()
+                          for ref in d.all_ranks("load_checkpoint", os.path.join(path, "models", name))])
+        self.start_episode = episode + 1
+        logger.info("resumed from %s: continuing at episode %d", path, self.start_episode + 1)
+
+    # -- teardown ----------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Kill every worker (no hung processes), close outputs, stop a Ray we started."""
+        import ray
+
+        for d in self.dist.values():
+            d.kill()
+        self.dist.clear()
+        self.tracker.discard()
+        if self._placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._placement_group)
+            self._placement_group = None
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
+
+
+class RLHFEngine(Engine):
+    """PPO-style RLHF: policy -> reference and value -> reward; train policy and value;
+    sync ppo_policy -> policy and ppo_value -> value after each training step."""
+
+    def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, value: BaseModule,
+                 ppo_policy: BaseModule, ppo_value: BaseModule, evaluator: Optional[Evaluator] = None):
+        def env_flow(batch):
+            policy_out = policy.forward_step(batch)
+            ref_out = reference.forward_step(policy_out)
+            value_out = value.forward_step(policy_out)
+            return reward.forward_step(policy_out, ref_out, value_out)
+
+        def trainer_flow(batch):
+            ppo_policy.train_step(batch)
+            ppo_value.train_step(batch)
+
+        super().__init__(Environment(env_flow), Trainer(trainer_flow), evaluator)
+        self.set_parameter_sync(ppo_policy, policy)
+        self.set_parameter_sync(ppo_value, value)
+
+
+def _as_samples(dataset) -> list[dict]:
+    samples = list(dataset) if not hasattr(dataset, "__getitem__") else [dataset[i] for i in range(len(dataset))]
+    for i, s in enumerate(samples[:1]):
+        if not isinstance(s, dict):
+            raise TypeError(f"build_dataset must produce dict samples; sample {i} is {type(s).__name__}")
+    return samples
+
+
+@contextlib.contextmanager
+def _timed(sink: dict[str, float], key: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        sink[key] = sink.get(key, 0.0) + time.perf_counter() - start

@@ -1,0 +1,134 @@
+"""The Ray actor that hosts one rank of one model.
+
+Each worker builds a fresh instance of the user's module class, joins its
+replica's torch.distributed group, and runs the module's methods on real data.
+Every exception is re-raised as ``RemoteCallError`` carrying the model name,
+replica, rank, method and the worker's traceback, so the driver can say
+exactly where a run broke.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+from chatlearn.models.base import BaseModule, WorkerInfo
+
+
+class RemoteCallError(RuntimeError):
+    """A model method raised inside a worker."""
+
+    def __init__(self, model: str, replica: int, rank: int, method: str, remote_traceback: str):
+        self.model, self.replica, self.rank, self.method = model, replica, rank, method
+        self.remote_traceback = remote_traceback
+        super().__init__(
+            f"model {model!r} replica {replica} rank {rank} failed in {method}():\n{remote_traceback}"
+        )
+
+    def __reduce__(self):
+        return (RemoteCallError, (self.model, self.replica, self.rank, self.method, self.remote_traceback))
+
+
+def merge_inputs(inputs: tuple) -> dict:
+    """Several upstream outputs feed one call: their keys are merged, later wins."""
+    merged: dict = {}
+    for item in inputs:
+        if not isinstance(item, dict):
+            raise TypeError(f"flow inputs must be dicts (batches), got {type(item).__name__}")
+        merged.update(item)
+    return merged
+
+
+class ModelWorker:
+    def __init__(self, module_cls: type, name: str, config, info: WorkerInfo, env_vars: dict[str, str]):
+        os.environ.update(env_vars)
+        from chatlearn.config.globals import set_args
+
+        set_args(config)
+        self.info = info
+        self.module: BaseModule = module_cls(name)
+        self.module.worker = info
+        self._timings: dict[str, float] = defaultdict(float)
+        self._events: list[str] = []
+
+    # -- start-up ----------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port, for the replica's rendezvous."""
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init_distributed(self, master_addr: str, master_port: int, timeout_s: float) -> None:
+        import torch.distributed as dist
+
+        from chatlearn.utils import platform
+
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.info.rank),
+            WORLD_SIZE=str(self.info.world_size),
+            LOCAL_RANK="0",  # Ray gives each GPU worker exactly one visible device
+        )
+        self._guard("init_distributed", lambda: dist.init_process_group(
+            backend=platform.dist_backend(),
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        ))
+
+    def setup(self) -> dict[str, Any]:
+        self._guard("setup", self.module.setup)
+        return {"dp_rank": self.info.dp_rank, "is_output_rank": self.module.is_output_rank()}
+
+    # -- calls -------------------------------------------------------------------
+    def call(self, method: str, *args, **kwargs) -> Any:
+        """Run ``module.method(*args, **kwargs)``."""
+        return self._guard(method, lambda: getattr(self.module, method)(*args, **kwargs))
+
+    def forward(self, method: str, iteration: int, *inputs: dict) -> dict:
+        """A flow stage: merge the upstream batches, run, and return the input
+        batch updated with the keys the method returned."""
+        def run():
+            data = merge_inputs(inputs)
+            out = getattr(self.module, method)(data, iteration)
+            if out is None:
+                return data
+            if not isinstance(out, dict):
+                raise TypeError(f"{method} must return a dict batch, got {type(out).__name__}")
+            return {**data, **out}
+
+        return self._guard(method, run)
+
+    def pop_timings(self) -> dict[str, float]:
+        timings, self._timings = dict(self._timings), defaultdict(float)
+        return timings
+
+    def events(self) -> list[str]:
+        """Method names this worker ran, in order (for tests and debugging)."""
+        return list(self._events)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _guard(self, method: str, fn):
+        start = time.perf_counter()
+        self._events.append(method)
+        try:
+            return fn()
+        except Exception:
+            raise RemoteCallError(
+                self.module.name, self.info.replica_id, self.info.rank, method, traceback.format_exc()
+            ) from None
+        finally:
+            self._timings[method] += time.perf_counter() - start

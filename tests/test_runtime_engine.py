@@ -1,0 +1,264 @@
+"""The runtime end to end on real Ray with six toy torch models (tests/configs/toy_rlhf.yaml)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import chatlearn
+from chatlearn import Engine, Environment, Evaluator, RLHFEngine, Trainer
+from chatlearn.data.prompts import PromptDataset
+from chatlearn.runtime.calls import WorkerTimeoutError
+from chatlearn.runtime.engine import FlowError
+from chatlearn.runtime.worker import RemoteCallError
+from chatlearn.utils.metrics import read_metrics
+from chatlearn.utils.toy_models import ToyPolicy, ToyReference, ToyReward, ToyTrainer, ToyValue, make_prompts
+
+CONFIG = os.path.join(os.path.dirname(__file__), "configs", "toy_rlhf.yaml")
+
+
+def records(tmp_path, model: str) -> list[dict]:
+    path = tmp_path / "records" / f"{model}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def build_rlhf(evaluator=None):
+    policy = ToyPolicy("policy")
+    reference = ToyReference("reference")
+    reward = ToyReward("reward")
+    value = ToyValue("value")
+    ppo_policy = ToyTrainer("ppo_policy")
+    ppo_value = ToyTrainer("ppo_value")
+    return RLHFEngine(policy, reference, reward, value, ppo_policy, ppo_value, evaluator=evaluator)
+
+
+def train_steps(tmp_path, model="ppo_policy", rank=0) -> list[dict]:
+    return [r for r in records(tmp_path, model) if "iteration" in r and r["rank"] == rank]
+
+
+def test_rlhf_three_episodes_with_replicas_colocation_and_sync(ray_session, toy_env):
+    chatlearn.init(CONFIG)
+    engine = build_rlhf()
+    engine.set_dataset(make_prompts(40))
+    history = engine.learn()
+
+    assert len(history) == 3
+    for m in history:
+        assert m["samples/environment"] == 16 and m["samples/train"] == 16
+        assert m["train/steps"] == 2  # 16 samples / global batch 8
+        assert m["sync/ppo_policy->policy/count"] == 1 and m["sync/ppo_value->value/count"] == 1
+        assert torch.isfinite(torch.tensor(m["loss"]))
+    # Metrics file: one line per episode, with stage timings.
+    lines = read_metrics(os.path.join(toy_env, "out", "toy", "metrics.jsonl"))
+    assert [r["episode"] for r in lines] == [0, 1, 2]
+    assert "time/policy.forward_step" in lines[0] and "time/ppo_policy.train_step" in lines[0]
+
+    gen = [r for r in records(toy_env, "policy") if "iteration" in r]
+    # Two policy replicas, four batches of 4 per episode, taken in turn.
+    assert {r["replica"] for r in gen} == {0, 1}
+    assert sorted(len(r["prompt_ids"]) for r in gen) == [4] * 12
+    # After each sync the policy generates with the trainer's latest weights.
+    trained = train_steps(toy_env)
+    assert len(trained) == 6
+    initial = gen[0]["weight_sum"]
+    by_episode = [sorted({r["weight_sum"] for r in gen[4 * e:4 * e + 4]}) for e in range(3)]
+    assert by_episode[0] == [pytest.approx(initial)]
+    assert by_episode[1] == [pytest.approx(trained[1]["weight_sum"])]
+    assert by_episode[2] == [pytest.approx(trained[3]["weight_sum"])]
+
+
+def test_fixed_mode_trains_on_exact_samples_in_order(ray_session, toy_env):
+    chatlearn.init(CONFIG)
+    prompts = make_prompts(40)
+    engine = build_rlhf()
+    engine.set_dataset(prompts)
+    engine.learn()
+
+    expected = PromptDataset(prompts, seed=7)
+    for episode in range(3):
+        want = [p["prompt_id"] for p in expected.next_episode(16)]
+        steps = [r for r in records(toy_env, "ppo_policy") if "iteration" in r][4 * episode:4 * episode + 4]
+        # ppo_policy has 2 data-parallel ranks: each global batch of 8 is split 4 / 4.
+        by_step = {}
+        for r in steps:
+            by_step.setdefault(r["iteration"], {})[r["rank"]] = r["prompt_ids"]
+        got = [i for it in sorted(by_step) for rank in (0, 1) for i in by_step[it][rank]]
+        assert got == want
+
+
+def test_dynamic_mode_takes_every_sample(ray_session, toy_env, monkeypatch):
+    monkeypatch.setenv("loader_type", "dynamic")
+    monkeypatch.setenv("policy_n", "3")
+    monkeypatch.setenv("num_episode", "1")
+    chatlearn.init(CONFIG)
+    engine = build_rlhf()
+    engine.set_dataset(make_prompts(20))
+    (metrics,) = engine.learn()
+    assert metrics["samples/environment"] == 48 and metrics["samples/train"] == 48
+    assert metrics["train/steps"] == 6
+    seen = [i for r in records(toy_env, "ppo_value") if "iteration" in r for i in r["prompt_ids"]]
+    episode_prompts = [p["prompt_id"] for p in PromptDataset(make_prompts(20), seed=7).next_episode(16)]
+    # Every generated sample is trained on once, in arrival order (n=3 copies per prompt).
+    assert seen == [i for i in episode_prompts for _ in range(3)]
+
+
+def test_relay_buffers_with_custom_sample_fn(ray_session, toy_env, monkeypatch):
+    monkeypatch.setenv("max_relay_episode", "-1")
+    chatlearn.init(CONFIG)
+    engine = build_rlhf()
+    seen_episodes = []
+
+    def newest_half_of_each(buffers):
+        seen_episodes.append([b.episode_id for b in buffers])
+        return [s for b in buffers for s in b.buffer[:8]]
+
+    engine.set_relay_sample_fn(newest_half_of_each)
+    engine.set_dataset(make_prompts(40))
+    history = engine.learn()
+    assert seen_episodes == [[0], [0, 1], [0, 1, 2]]
+    assert [m["samples/train"] for m in history] == [8, 16, 24]
+    assert [m["train/steps"] for m in history] == [1, 2, 3]
+
+
+def test_evaluator_runs_every_interval(ray_session, toy_env, monkeypatch):
+    monkeypatch.setenv("eval_interval", "2")
+    monkeypatch.setenv("num_episode", "4")
+    chatlearn.init(CONFIG)
+    policy = ToyPolicy("policy")
+    reward = ToyReward("reward")
+
+    def eval_flow(batch):
+        return reward.forward_step(policy.eval_forward(batch))
+
+    evaluator = Evaluator(eval_flow).set_dataset(make_prompts(6, seed=1))
+    evaluator.set_post_process_func(lambda results, episode: {
+        "reward_mean": sum(float(r["reward"]) for r in results) / len(results), "n": len(results)})
+
+    def env_flow(batch):
+        return reward.forward_step(policy.forward_step(batch))
+
+    ppo_policy = ToyTrainer("ppo_policy")
+
+    def train_flow(batch):
+        ppo_policy.train_step(batch)
+
+    engine = Engine(Environment(env_flow), Trainer(train_flow), evaluator)
+    engine.set_parameter_sync(ppo_policy, policy)
+    engine.set_dataset(make_prompts(40))
+    history = engine.learn()
+    assert ["eval/reward_mean" in m for m in history] == [False, True, False, True]
+    assert history[1]["eval/n"] == 6
+    # Training pulls the policy towards response == x, so the evaluated reward improves.
+    assert history[3]["eval/reward_mean"] > history[1]["eval/reward_mean"]
+
+
+def test_resume_matches_uninterrupted_run(ray_session, tmp_path, monkeypatch):
+    prompts = make_prompts(40)
+    monkeypatch.setenv("save_interval", "1")
+
+    def run(out: str, episodes: int):
+        monkeypatch.setenv("output_dir", str(tmp_path / out))
+        monkeypatch.setenv("num_episode", str(episodes))
+        chatlearn.init(CONFIG)
+        engine = build_rlhf()
+        engine.set_dataset(prompts)
+        return engine.learn()
+
+    full = run("full", 4)
+    run("resumed", 2)  # "killed" after two episodes
+    resumed = run("resumed", 4)
+
+    assert len(resumed) == 4
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=0, abs=0)
+    for model in ("ppo_policy", "ppo_value", "policy"):
+        for rank_file in ("rank_000.pt",):
+            a = torch.load(tmp_path / "full/toy/checkpoints/episode_000003/models" / model / rank_file,
+                           weights_only=False)
+            b = torch.load(tmp_path / "resumed/toy/checkpoints/episode_000003/models" / model / rank_file,
+                           weights_only=False)
+            for key in a["model"]:
+                assert torch.equal(a["model"][key], b["model"][key]), (model, key)
+
+
+def test_actor_exception_names_model_replica_rank_and_cleans_up(ray_session, toy_env, tmp_path):
+    (tmp_path / "fail.yaml").write_text(
+        (open(CONFIG).read()
+         .replace("model_config_file: toy_base.yaml\n    num_cpu: 2\n    tensor_model_parallel_size: 2",
+                  "model_config_file: toy_fail.yaml\n    num_cpu: 2\n    tensor_model_parallel_size: 2")))
+    for name in ("toy_base.yaml", "toy_policy.yaml", "toy_trainer.yaml"):
+        (tmp_path / name).write_text(open(os.path.join(os.path.dirname(CONFIG), name)).read())
+    (tmp_path / "toy_fail.yaml").write_text("fail_on_iteration: 2\n")
+    chatlearn.init(str(tmp_path / "fail.yaml"))
+    engine = build_rlhf()
+    engine.set_dataset(make_prompts(40))
+    with pytest.raises(RemoteCallError) as info:
+        engine.learn()
+    err = info.value
+    assert err.model == "reference" and err.replica == 0 and err.rank in (0, 1)
+    assert "toy failure in reference at iteration 2" in str(err)
+    assert "Traceback" in err.remote_traceback
+
+    assert worker_processes() == []
+
+
+def worker_processes(wait_s: float = 15.0) -> list:
+    """chatlearn worker processes still alive (Ray titles them ray::ModelWorker)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [p for p in psutil.process_iter(["cmdline"])
+                 if any("ModelWorker" in part for part in (p.info["cmdline"] or []))]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def test_stuck_actor_is_reported_by_timeout(ray_session, toy_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("actor_timeout", "4")
+    for name in ("toy_base.yaml", "toy_policy.yaml", "toy_trainer.yaml"):
+        (tmp_path / name).write_text(open(os.path.join(os.path.dirname(CONFIG), name)).read())
+    (tmp_path / "slow.yaml").write_text(open(CONFIG).read().replace(
+        "  value:\n    model_config_file: toy_base.yaml", "  value:\n    model_config_file: toy_slow.yaml"))
+    (tmp_path / "toy_slow.yaml").write_text("sleep_s: 30\n")
+    chatlearn.init(str(tmp_path / "slow.yaml"))
+    engine = build_rlhf()
+    engine.set_dataset(make_prompts(40))
+    with pytest.raises(WorkerTimeoutError, match="model 'value'"):
+        engine.learn()
+
+
+def test_flow_with_model_missing_from_config_is_rejected_before_start(toy_env):
+    chatlearn.init(CONFIG)
+    policy = ToyPolicy("policy")
+    critic = ToyValue("critic")  # not under models:
+
+    def env_flow(batch):
+        return critic.forward_step(policy.forward_step(batch))
+
+    trainer = ToyTrainer("ppo_policy")
+    with pytest.raises(FlowError, match="'critic'.*not declared under models"):
+        Engine(Environment(env_flow), Trainer(lambda b: trainer.train_step(b)))
+
+
+def test_free_memory_offloads_idle_colocated_model(ray_session, toy_env, monkeypatch):
+    monkeypatch.setenv("policy_free_memory", "True")
+    monkeypatch.setenv("num_episode", "2")
+    chatlearn.init(CONFIG)
+    engine = build_rlhf()
+    engine.set_dataset(make_prompts(40))
+    engine.learn()
+    events = [r["event"] for r in records(toy_env, "policy") if r["replica"] == 0 and "event" in r]
+    # Offloaded for training, back for the sync into it, offloaded again for
+    # the next episode's training.
+    assert events[:2] == ["offload", "onload"]
+    assert events.count("offload") == 2
+    gen_iterations = [r for r in records(toy_env, "policy") if "iteration" in r]
+    assert len(gen_iterations) == 8
