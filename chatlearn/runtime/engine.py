@@ -238,6 +238,10 @@ class Engine:
         from tqdm import tqdm
 
         episodes = range(self.start_episode, self.runtime.num_episode)
+        if not episodes:
+            logger.info("all %d episodes are already done (checkpoints in %s): nothing to run; raise "
+                        "runtime.num_episode to continue, or use a new output_dir", self.runtime.num_episode,
+                        self.checkpoint_root)
         bar = tqdm(episodes, desc="episodes", unit="ep", disable=not sys.stderr.isatty())
         for episode in bar:
             metrics = self._run_episode(episode)

@@ -74,9 +74,9 @@ class ToyPolicy(_Linear):
         with torch.no_grad():
             response = self.model(data["x"]) + 0.01 * torch.randn(data["x"].shape)
         _record(self, {"iteration": iteration, "prompt_ids": [int(i) for i in data["prompt_id"]],
-                       "weight_sum": float(self.model.weight.sum())})
+                       "weight_sum": float(self.model.weight.detach().sum())})
         return {**data, "response": response,
-                "policy_weight_sum": torch.full((len(response),), float(self.model.weight.sum()))}
+                "policy_weight_sum": torch.full((len(response),), float(self.model.weight.detach().sum()))}
 
 
 class ToyReference(_Linear):
@@ -126,7 +126,7 @@ class ToyTrainer(_Linear):
             self.optimizer.step()
             losses.append(loss.item())
         _record(self, {"iteration": iteration, "prompt_ids": [i for m in data_list for i in m["prompt_id"]],
-                       "weight_sum": float(self.model.weight.sum())})
+                       "weight_sum": float(self.model.weight.detach().sum())})
         rewards = [float(r) for m in data_list if "reward" in m for r in m["reward"]]
         metrics = {"loss": sum(losses) / len(losses), "num_micro_batches": float(len(data_list))}
         if rewards:

@@ -4,7 +4,7 @@ Supports: RLHFEngine (policy -> reference/value -> reward, PPO-style trainers),
 replicas, a 2-rank tensor-parallel-style replica, colocation, parameter sync
 every episode, metrics (JSONL, TensorBoard) and checkpoints with resume.
 
-    python examples/toy/train_rlhf.py -c examples/toy/rlhf.yaml
+    python examples/toy/train_rlhf.py -c examples/toy/configs/rlhf.yaml
 
 The toy "policy" maps a prompt vector to a response; the reward prefers
 responses close to the prompt, and the trainers move towards it, so the
