@@ -7,7 +7,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOY = os.path.join(ROOT, "examples", "megatron", "configs", "toy", "rlhf.yaml")
+TOY = os.path.join(ROOT, "examples", "toy", "configs", "rlhf.yaml")
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: str = ROOT) -> subprocess.CompletedProcess:

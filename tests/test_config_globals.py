@@ -10,7 +10,7 @@ import chatlearn
 from chatlearn.config import globals as cl_globals
 
 TOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                   "examples", "megatron", "configs", "toy", "rlhf.yaml")
+                   "examples", "toy", "configs", "rlhf.yaml")
 
 
 @pytest.fixture(autouse=True)

@@ -343,10 +343,10 @@ def test_example_configs_load(monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in ("num_episode", "sample_per_episode", "data_path", "num_cpu_policy", "policy_tp"):
         monkeypatch.delenv(name, raising=False)
-    toy_path = os.path.join(root, "examples", "megatron", "configs", "toy", "rlhf.yaml")
+    toy_path = os.path.join(root, "examples", "toy", "configs", "rlhf.yaml")
     toy = load_config(toy_path)
     assert list(toy.models) == ["policy", "reference", "reward", "value", "ppo_policy", "ppo_value"]
-    assert toy.runtime.num_episode == 3
+    assert toy.runtime.num_episode == 6
     assert all(m.num_cpu in (1, 2) and m.num_gpu == 0 for m in toy.models.values())
     assert toy.runtime.sample_per_episode <= 16
     monkeypatch.setenv("num_episode", "1")

@@ -57,6 +57,14 @@ def test_rlhf_three_episodes_with_replicas_colocation_and_sync(ray_session, toy_
     assert [r["episode"] for r in lines] == [0, 1, 2]
     assert "time/policy.forward_step" in lines[0] and "time/ppo_policy.train_step" in lines[0]
 
+    # Colocated models share device slots; the tensor-parallel-style reference
+    # replica's two ranks all-reduced over gloo inside their group.
+    plan = engine.placement.models
+    assert plan["policy"].slots == plan["ppo_policy"].slots == plan["reference"].slots
+    assert plan["value"].slots == plan["ppo_value"].slots == plan["reward"].slots
+    ref = records(toy_env, "reference")
+    assert {r["rank"] for r in ref} == {0, 1} and {r["group_size"] for r in ref} == {2.0}
+
     gen = [r for r in records(toy_env, "policy") if "iteration" in r]
     # Two policy replicas, four batches of 4 per episode, taken in turn.
     assert {r["replica"] for r in gen} == {0, 1}

@@ -133,6 +133,16 @@ class ChatLearnConfig:
     # Absolute path of the YAML file the config was loaded from; set by the loader.
     config_path: str = field(default="", metadata={"internal": True})
 
+    @property
+    def runtime_args(self) -> RuntimeConfig:
+        """ChatLearn 1.x's name for ``runtime``, so 1.x scripts run unchanged."""
+        return self.runtime
+
+    @property
+    def env_args(self) -> RuntimeEnvConfig:
+        """ChatLearn 1.x's name for ``runtime_env``."""
+        return self.runtime_env
+
 
 @dataclass
 class VLLMArgs:

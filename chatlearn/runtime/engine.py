@@ -19,7 +19,7 @@ import functools
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -88,6 +88,7 @@ class Engine:
         self._metrics: Optional[MetricsWriter] = None
         self.history: list[dict[str, float]] = []
         self.start_episode = 0
+        self._steps_this_episode = 0
 
     # -- user API ----------------------------------------------------------------
     def set_dataset(self, prompts: list) -> "Engine":
@@ -259,24 +260,36 @@ class Engine:
         for d in self.dist.values():
             d.reset_round_robin()
         self._call_all("before_episode", episode)
+        stream = self._stream(episode)
+        # Training starts while rollouts still arrive, unless the relay buffers
+        # must see the whole episode first or colocated models take turns.
+        streaming = not self.relay.relay_active(episode) and not self._uses_free_memory()
 
         with timer("time/environment"):
             self._phase(active=self._flow_models(self.environment))
-            samples = self._run_flow(self.environment, self._episode_prompts())
+            samples = []
+            for batch in self._run_flow(self.environment, self._episode_prompts()):
+                samples += batch
+                if streaming:
+                    stream.extend(batch)
+                    self._train_steps(stream.ready_batches())
         if self.runtime.stream_data_loader_type == "fixed" and len(samples) != self.runtime.sample_per_episode:
             raise ValueError(f"environment flow {self.environment.fn_name}() produced {len(samples)} samples; "
                              f"runtime.stream_data_loader_type 'fixed' needs exactly "
                              f"runtime.sample_per_episode={self.runtime.sample_per_episode} (use 'dynamic')")
         self.relay.add(episode, samples)
-        fixed = self.runtime.stream_data_loader_type == "fixed"
-        train_samples = self.relay.select(episode, self.relay_sample_fn,
-                                          num_samples=self.runtime.sample_per_episode if fixed else None)
+        if not streaming:
+            fixed = stream.mode == "fixed"
+            stream.extend(self.relay.select(episode, self.relay_sample_fn,
+                                            num_samples=self.runtime.sample_per_episode if fixed else None))
+        stream.finish()
         metrics["samples/environment"] = len(samples)
-        metrics["samples/train"] = len(train_samples)
+        metrics["samples/train"] = stream.num_samples
 
         with timer("time/train"):
             self._phase(active=self._flow_models(self.trainer))
-            metrics.update(self._train(episode, train_samples))
+            self._train_steps(stream.iter_train_batches())
+            metrics.update(self._collect_train_metrics())
 
         with timer("time/sync"):
             self._sync_parameters(episode, metrics)
@@ -302,8 +315,10 @@ class Engine:
             prompts = rank_by_length(prompts)
         return prompts
 
-    def _run_flow(self, flow: BaseFlow, samples: list[dict]) -> list[dict]:
-        """Stream batches of samples through a flow; all batches are in flight at once."""
+    def _run_flow(self, flow: BaseFlow, samples: list[dict]) -> Iterator[list[dict]]:
+        """Push every batch of ``samples`` through ``flow`` at once (stages of different
+        batches overlap on different replicas), then yield each batch's output samples
+        in order as it completes."""
         first = self.config.models[flow.graph[0].model]
         batch_size = first.generation_batch_size if first.generation_batch_size > 0 \
             else self.runtime.generation_batch_size
@@ -313,9 +328,9 @@ class Engine:
             if not isinstance(out, RemoteBatch):
                 raise FlowError(f"{flow.kind} flow {flow.fn_name}() must return the output of a model call")
             outputs.append(out)
-        batches = self.tracker.get([o.ref for o in outputs])
-        self.tracker.wait_all()  # the non-output ranks too: their errors must surface
-        return [s for batch in batches for s in split_batch(batch)]
+        for out in outputs:
+            (batch,) = self.tracker.get([out.ref])
+            yield split_batch(batch)
 
     def _stream(self, episode: int) -> StreamDataset:
         # A custom relay_sample_fn decides how many samples to train on, so its
@@ -327,7 +342,7 @@ class Engine:
         # global batches of samples (one uncollated "micro-batch" on one rank) and
         # each trainer's DistModel splits them for its own ranks (TrainBatch).
         global_batch = self.runtime.train_global_batch_size
-        return StreamDataset(
+        stream = StreamDataset(
             mode=mode,
             sample_per_episode=self.runtime.sample_per_episode,
             train_global_batch_size=global_batch,
@@ -337,21 +352,26 @@ class Engine:
             seed=self.runtime.seed,
             collate_fn=list,
         )
+        stream.start_episode(episode)
+        return stream
 
-    def _train(self, episode: int, samples: list[dict]) -> dict[str, float]:
-        stream = self._stream(episode)
-        stream.set_samples(episode, samples)
-        steps = 0
-        for _epoch, _step, per_rank in stream.iter_train_batches():
+    def _train_steps(self, steps: Iterable) -> None:
+        """Queue one trainer-flow call per global batch (not waited on here)."""
+        for _epoch, _step, per_rank in steps:
             (global_batch,) = per_rank[0]
             self.trainer(TrainBatch(global_batch, self.runtime.train_micro_batch_size))
-            steps += 1
-        # Steps were queued without waiting; collect every trainer's outputs now.
+            self._steps_this_episode += 1
+
+    def _collect_train_metrics(self) -> dict[str, float]:
         results = [r for d in self.dist.values() for r in self.tracker.get(d.take_train_outputs())]
-        self.tracker.wait_all()
+        self.tracker.wait_all()  # every other outstanding call too (non-output ranks): errors must surface
         merged = mean_metrics([r for r in results if isinstance(r, dict)])
-        merged["train/steps"] = float(steps)
+        merged["train/steps"] = float(self._steps_this_episode)
+        self._steps_this_episode = 0
         return merged
+
+    def _uses_free_memory(self) -> bool:
+        return any(self.config.models[name].free_memory for name in self.dist)
 
     def _sync_parameters(self, episode: int, metrics: dict[str, float]) -> None:
         for src, dst, synchronizer in self.sync_pairs:
@@ -369,7 +389,7 @@ class Engine:
         if self.evaluator is None or self.evaluator.prompts is None:
             return {}
         self._phase(active=self._flow_models(self.evaluator))
-        results = self._run_flow(self.evaluator, self.eval_samples)
+        results = [s for batch in self._run_flow(self.evaluator, self.eval_samples) for s in batch]
         if self.evaluator.post_process_func is None:
             return {"eval/num_samples": float(len(results))}
         metrics = self.evaluator.post_process_func(results, episode) or {}

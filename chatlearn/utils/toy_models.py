@@ -90,6 +90,7 @@ class ToyReference(_Linear):
         ones = torch.ones(1)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(ones)
+        _record(self, {"iteration": iteration, "group_size": float(ones.item())})
         return {"ref_response": ref, "ref_group_size": torch.full((len(ref),), float(ones.item()))}
 
 
