@@ -221,6 +221,15 @@ class Engine:
     def _setup_data(self) -> None:
         first = self.dist[self.environment.graph[0].model]
         samples = _as_samples(first.call_output_ranks("build_dataset", self.prompts, False)[0])
+        min_length = self.config.models[first.name].batch_generation.min_prompt_length
+        if min_length > 0:
+            kept = filter_min_prompt_length(samples, min_length)
+            logger.info("batch_generation.min_prompt_length=%d keeps %d of %d prompts", min_length, len(kept),
+                        len(samples))
+            if not kept:
+                raise ValueError(f"models.{first.name}.batch_generation.min_prompt_length={min_length} "
+                                 f"drops every prompt")
+            samples = kept
         self.prompt_data = PromptDataset(samples, seed=self.runtime.seed)
         self.relay = RelayBuffers(self.runtime.max_relay_episode, self.runtime.relay_episode_offset,
                                   seed=self.runtime.seed)
@@ -307,11 +316,7 @@ class Engine:
 
     def _episode_prompts(self) -> list[dict]:
         prompts = self.prompt_data.next_episode(self.runtime.sample_per_episode)
-        first = self.config.models[self.environment.graph[0].model]
-        generation = first.batch_generation
-        if generation.min_prompt_length > 0:
-            prompts = filter_min_prompt_length(prompts, generation.min_prompt_length)
-        if generation.ranking:
+        if self.config.models[self.environment.graph[0].model].batch_generation.ranking:
             prompts = rank_by_length(prompts)
         return prompts
 

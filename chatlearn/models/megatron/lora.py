@@ -1,0 +1,102 @@
+"""LoRA for megatron's tensor-parallel linears, TP-correct and exportable as merged HF weights.
+
+``convert_layer_to_lora(model, rank, alpha)`` wraps the chosen linears in
+:class:`LoraLinear` and freezes every other parameter; build DDP and the
+optimizer afterwards so that only the LoRA factors are trained.
+
+Sharding follows the base layer, so ``B @ A`` has exactly the base weight's
+shard shape and merging is local to each rank:
+
+    column-parallel (linear_qkv, linear_fc1): A [r, in] replicated, B [out/T, r] sharded
+    row-parallel    (linear_proj, linear_fc2): A [r, in/T] sharded,  B [out, r] replicated
+
+The TP collectives mirror the base layer's: the column case all-reduces the
+gradient of ``A x`` (each rank only sees its own output columns); the row
+case all-reduces ``A x`` in the forward (each rank holds part of the input).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from chatlearn.models.megatron.model import unwrap
+
+DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+class LoraLinear(torch.nn.Module):
+    def __init__(self, base: torch.nn.Module, rank: int, alpha: float, seed: int):
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.column = isinstance(base, ColumnParallelLinear)
+        if not self.column and not isinstance(base, RowParallelLinear):
+            raise TypeError(f"LoRA needs a Column/RowParallelLinear, got {type(base).__name__}")
+        tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        out_local, in_local = base.weight.shape
+        full_in = in_local if self.column else in_local * tp
+        # A is initialized full from a seed that depends on the layer only, then
+        # sharded: the same model under any TP layout starts from the same A.
+        gen = torch.Generator().manual_seed(seed)
+        a_full = torch.empty(rank, full_in).uniform_(-1, 1, generator=gen) / math.sqrt(full_in)
+        dtype = base.weight.dtype
+        a = a_full if self.column else a_full.chunk(tp, 1)[tp_rank]
+        self.lora_A = torch.nn.Parameter(a.to(device=base.weight.device, dtype=dtype).contiguous())
+        self.lora_B = torch.nn.Parameter(torch.zeros(out_local, rank,
+                                                     device=base.weight.device, dtype=dtype))
+        # Tag the sharded factor so grad-norm and checkpoint code see it as TP-split.
+        if self.column:
+            set_tensor_model_parallel_attributes(self.lora_B, True, 0, 1)
+        else:
+            set_tensor_model_parallel_attributes(self.lora_A, True, 1, 1)
+
+    def __getattr__(self, name: str):
+        # Megatron code reads attributes of its linears (sequence_parallel, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base, name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        from megatron.core.tensor_parallel import (
+            copy_to_tensor_model_parallel_region,
+            reduce_from_tensor_model_parallel_region,
+        )
+
+        out, bias = self.base(x, *args, **kwargs)
+        h = F.linear(x, self.lora_A)
+        h = copy_to_tensor_model_parallel_region(h) if self.column else reduce_from_tensor_model_parallel_region(h)
+        return out + self.scale * F.linear(h, self.lora_B), bias
+
+    def merged_weight(self) -> torch.Tensor:
+        """This rank's shard of ``W + scale * B @ A`` (the base weight's shape)."""
+        return self.base.weight + self.scale * (self.lora_B @ self.lora_A)
+
+
+def convert_layer_to_lora(model: torch.nn.Module, rank: int = 8, alpha: float = 16.0,
+                          targets: Iterable[str] = DEFAULT_TARGETS, seed: int = 0) -> list[str]:
+    """Wrap the target linears of every decoder layer in LoRA; freeze the rest. Returns wrapped names."""
+    gpt = unwrap(model)
+    targets = tuple(targets)
+    for param in gpt.parameters():
+        param.requires_grad_(False)
+    wrapped = []
+    for layer in gpt.decoder.layers:
+        for name, module in list(layer.named_modules()):
+            parent_name, _, attr = name.rpartition(".")
+            if attr not in targets or isinstance(module, LoraLinear):
+                continue
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            global_name = f"layers.{layer.layer_number - 1}.{name}"
+            layer_seed = seed + int(hashlib.sha256(global_name.encode()).hexdigest()[:8], 16)
+            setattr(parent, attr, LoraLinear(module, rank, alpha, layer_seed))
+            wrapped.append(global_name)
+    return wrapped

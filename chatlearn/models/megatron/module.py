@@ -1,0 +1,319 @@
+"""``MegatronModule``: a chatlearn model role backed by a megatron-core GPTModel.
+
+Each worker (one Ray actor per rank, torch.distributed already initialized
+by the engine) builds its TP/PP shard of a Llama/Qwen2 model from a Hugging
+Face checkpoint. Inference roles get token log-probs from ``forward_step``;
+trainers subclass and override :meth:`MegatronModule.loss_fn`.
+
+Settings come from the model's config entry (``tensor_model_parallel_size``,
+``pipeline_model_parallel_size``, ``trainable``) and its free-form args
+(``load``, ``lr``, ...), see :class:`MegatronSettings`; programmatic users
+and tests may assign ``module.settings`` before ``setup()`` instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from chatlearn.models.base import BaseModule
+from chatlearn.models.megatron import cpu_compat
+from chatlearn.models.megatron.dist_ckpt import load_model_distributed, save_model_distributed
+from chatlearn.models.megatron.hf_convert import export_hf_state_dict, load_hf_weights, save_hf_checkpoint
+from chatlearn.models.megatron.lora import convert_layer_to_lora
+from chatlearn.models.megatron.model import build_gpt_model, hf_arch, load_hf_config, transformer_config_from_hf, unwrap
+from chatlearn.models.megatron.parallel import initialize_parallel_state
+from chatlearn.models.megatron.schedule import forward_logits, forward_logprobs, pad_micro_batches, run_micro_batches
+from chatlearn.utils import platform
+
+
+@dataclass
+class MegatronSettings:
+    load: str                       # HF checkpoint dir (config.json + weights)
+    tp: int = 1
+    pp: int = 1
+    trainable: bool = False
+    optimizer: str = "adam"         # "adam" or "sgd" (megatron's OptimizerConfig names)
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0          # 0 disables clipping
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    use_distributed_optimizer: bool = False
+    seed: int = 1234
+    pad_token_id: int = 0
+    forward_micro_batch_size: int = 0  # forward_step splits its batch into these; 0: one micro-batch
+    lora_rank: int = 0                 # > 0: train LoRA factors only (lora.py)
+    lora_scaling: float = 1.0          # LoRA output scale (alpha / rank)
+    lora_targets: tuple = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+    @classmethod
+    def from_args(cls, module_args: Any, model_args: dict) -> "MegatronSettings":
+        """From a ``models:`` entry (parallel sizes, trainable) and its free-form args.
+
+        Keys of ``model_args`` that are not fields here are ignored: one
+        model config file may carry other backends' settings too.
+        """
+        names = {f.name for f in dataclasses.fields(cls)} - {"tp", "pp", "trainable"}
+        known = {k: v for k, v in model_args.items() if k in names}
+        if not known.get("load"):
+            raise ValueError("megatron model args need 'load' (a Hugging Face checkpoint dir)")
+        lora = getattr(module_args, "lora", None)
+        if lora is not None and lora.enable_lora:
+            if lora.lora_dropout:
+                raise ValueError("lora_dropout is not supported by the megatron backend")
+            kinds = {k.strip() for k in lora.lora_layer.split(",")}
+            targets = []
+            if "ColumnParallelLinear" in kinds:
+                targets += ["linear_qkv"] if lora.column_only_qkv else ["linear_qkv", "linear_fc1"]
+            if "RowParallelLinear" in kinds:
+                targets += ["linear_proj", "linear_fc2"]
+            known.update(lora_rank=lora.lora_dim, lora_scaling=lora.lora_scaling, lora_targets=tuple(targets))
+        return cls(**known, tp=module_args.tensor_model_parallel_size,
+                   pp=module_args.pipeline_model_parallel_size, trainable=module_args.trainable)
+
+
+class MegatronModule(BaseModule):
+    settings: Optional[MegatronSettings] = None
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.model: Optional[torch.nn.Module] = None
+        self.optimizer = None
+        self.hf_config: Optional[dict] = None
+        self.config = None  # megatron TransformerConfig
+
+    # -- setup --------------------------------------------------------------------
+    def setup(self) -> None:
+        if self.settings is None:
+            self.settings = MegatronSettings.from_args(self.module_args, self.model_args)
+        s = self.settings
+        if self.worker is not None and (self.worker.tp_size, self.worker.pp_size) != (s.tp, s.pp):
+            raise ValueError(f"model {self.name!r}: engine placed tp={self.worker.tp_size} "
+                             f"pp={self.worker.pp_size}, settings say tp={s.tp} pp={s.pp}")
+        # Read and validate the config before touching distributed state, so a
+        # bad path or layout fails fast with a clear message on every rank.
+        self.hf_config = load_hf_config(s.load)
+        self.config = transformer_config_from_hf(self.hf_config, s.tp, s.pp)
+        initialize_parallel_state(s.tp, s.pp, seed=s.seed)
+        model = build_gpt_model(self.hf_config, self.config)
+        load_hf_weights(model, self.hf_config, s.load)
+        if s.lora_rank:
+            convert_layer_to_lora(model, s.lora_rank, s.lora_scaling * s.lora_rank, s.lora_targets, seed=s.seed)
+        if s.trainable:
+            model, self.optimizer = self._build_trainer(model)
+        self.model = model
+
+    def _build_trainer(self, model: torch.nn.Module):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        s, config = self.settings, self.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=s.use_distributed_optimizer,
+            overlap_grad_reduce=False,
+        )
+        with cpu_compat.cpu_device_mode():
+            model = DistributedDataParallel(config, ddp_config, model)
+            optimizer = get_megatron_optimizer(
+                OptimizerConfig(
+                    optimizer=s.optimizer, lr=s.lr, weight_decay=s.weight_decay, clip_grad=s.clip_grad,
+                    adam_beta1=s.adam_beta1, adam_beta2=s.adam_beta2,
+                    bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
+                    use_distributed_optimizer=s.use_distributed_optimizer,
+                ),
+                [model],
+                use_gloo_process_groups=platform.has_gpu(),
+            )
+        if not platform.has_gpu():
+            # The distributed optimizer gathers its state for checkpoints over
+            # a "gloo" DP group; on CPU the DP group is gloo already.
+            for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+                if hasattr(opt, "data_parallel_group_gloo"):
+                    opt.data_parallel_group_gloo = opt.data_parallel_group
+        # Without this the schedule never all-reduces DP grads (nor tied embedding grads over PP).
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+        return model, optimizer
+
+    # -- inference ----------------------------------------------------------------
+    def _micro_batches(self, data: dict) -> list[dict]:
+        """Split a batch dict along dim 0 into micro-batches (so pipeline stages overlap)."""
+        tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        size = self.settings.forward_micro_batch_size or len(tensors["input_ids"])
+        chunks = [dict(zip(tensors, parts)) for parts in zip(*(v.split(size) for v in tensors.values()))]
+        return pad_micro_batches(chunks, pad_id=self.settings.pad_token_id)
+
+    @property
+    def is_score_model(self) -> bool:
+        return bool(hf_arch(self.hf_config).num_labels)
+
+    def forward_step(self, data: dict, iteration: int) -> dict:
+        """On the last stage: ``{"logprobs": [b, s-1]}`` for a causal LM, where
+        logprobs[:, t] is log p(token t+1); ``{"values": [b, s]}`` for a
+        reward/value model (one label; [b, s, n] with n labels). ``{}`` on
+        other stages. ``data["input_ids"]`` is [b, s], right-padded.
+        """
+        micro_batches = self._micro_batches(data)
+        if self.is_score_model:
+            scores = forward_logits(self.model, micro_batches)
+            if scores is None:
+                return {}
+            scores = scores[:, : data["input_ids"].shape[1]]
+            return {"values": scores[..., 0] if scores.shape[-1] == 1 else scores}
+        logprobs = forward_logprobs(self.model, micro_batches)
+        return {"logprobs": logprobs} if logprobs is not None else {}
+
+    # -- training -----------------------------------------------------------------
+    def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch from its logits [b, s, V] (last stage only).
+
+        Default: next-token cross entropy over ``loss_mask`` (default: all
+        real tokens); reward/value models must override. Override for
+        PPO/DPO/value losses. Return
+        ``(scalar loss, metrics)``; megatron divides the loss by the number of
+        micro-batches and DDP averages gradients over data-parallel ranks.
+        """
+        if self.is_score_model:
+            raise NotImplementedError(f"{type(self).__name__}: a reward/value model needs its own loss_fn")
+        input_ids = micro_batch["input_ids"].to(logits.device)
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        mask = micro_batch.get("loss_mask")
+        if mask is None:
+            lens = micro_batch["seq_lens"].to(logits.device)
+            mask = torch.arange(input_ids.shape[1], device=logits.device)[None] < lens[:, None]
+        mask = mask[:, 1:].to(logp.dtype) if mask.shape[1] == input_ids.shape[1] else mask.to(logp.dtype)
+        loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
+        return loss, {"loss": loss.detach()}
+
+    def train_step(self, data_list: list[dict], iteration: int) -> Optional[dict]:
+        """One optimizer step over this DP rank's micro-batches; metrics on the last stage."""
+        if self.optimizer is None:
+            raise RuntimeError(f"model {self.name!r} is not trainable (set trainable: true)")
+        model = self.model
+        model.train()
+        model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        mbs = pad_micro_batches([{k: v for k, v in d.items() if isinstance(v, torch.Tensor)} for d in data_list],
+                                pad_id=self.settings.pad_token_id)
+        results = run_micro_batches(model, mbs, self.loss_fn, forward_only=False)
+        with cpu_compat.cpu_device_mode():
+            ok, grad_norm, _ = self.optimizer.step()
+        if not results:
+            return None
+        metrics = {k: float(torch.stack([torch.as_tensor(r[k]) for r in results]).mean()) for k in results[0]}
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_successful"] = bool(ok)
+        return metrics
+
+    # -- weights ------------------------------------------------------------------
+    def is_output_rank(self) -> bool:
+        from megatron.core import parallel_state as ps
+
+        return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+    def named_parameters_for_sync(self) -> dict[str, torch.Tensor]:
+        """Full HF-named weights on every rank (collective over TP and PP)."""
+        return export_hf_state_dict(self.model, self.hf_config)
+
+    def load_parameters_from_sync(self, params: dict[str, torch.Tensor]) -> None:
+        load_hf_weights(self.model, self.hf_config, params)
+
+    def save_hf_checkpoint(self, path: str) -> None:
+        """A transformers/vLLM-loadable checkpoint dir (collective; rank 0 writes)."""
+        save_hf_checkpoint(self.model, self.hf_config, path, source_dir=self.settings.load)
+
+    # -- checkpoints --------------------------------------------------------------
+    def _rank_file(self, path: str) -> str:
+        from megatron.core import parallel_state as ps
+
+        return os.path.join(path, f"mp_tp{ps.get_tensor_model_parallel_rank():02d}"
+                                  f"_pp{ps.get_pipeline_model_parallel_rank():02d}"
+                                  f"_dp{ps.get_data_parallel_rank():03d}.pt")
+
+    def save_checkpoint(self, path: str) -> None:
+        """Per-rank shard of model (and optimizer) state; reload needs the same TP/PP layout."""
+        from chatlearn.utils.atomic import atomic_torch_save
+
+        os.makedirs(path, exist_ok=True)
+        state = {"model": unwrap(self.model).state_dict(), "tp": self.settings.tp, "pp": self.settings.pp,
+                 "rng": torch.get_rng_state()}
+        if self.optimizer is not None:
+            with cpu_compat.cpu_device_mode():
+                state["optimizer"] = self.optimizer.state_dict()
+                if self.settings.use_distributed_optimizer:
+                    # The sharded Adam moments are not in state_dict(); gather them
+                    # per TP/PP rank onto DP rank 0, which writes them.
+                    self.optimizer.save_parameter_state(self._param_state_file(path))
+                    state["adam_step"] = _inner_steps(self.optimizer)
+        atomic_torch_save(state, self._rank_file(path))
+        dist.barrier()
+
+    def _param_state_file(self, path: str) -> str:
+        """Distributed-optimizer state: one file per TP/PP rank, written by DP rank 0."""
+        from megatron.core import parallel_state as ps
+
+        return os.path.join(path, f"optim_tp{ps.get_tensor_model_parallel_rank():02d}"
+                                  f"_pp{ps.get_pipeline_model_parallel_rank():02d}.pt")
+
+    def load_checkpoint(self, path: str) -> None:
+        file = self._rank_file(path)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"model {self.name!r}: no checkpoint shard at {file}")
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        if (state["tp"], state["pp"]) != (self.settings.tp, self.settings.pp):
+            raise ValueError(f"{file} was saved with tp={state['tp']} pp={state['pp']}, "
+                             f"this model runs tp={self.settings.tp} pp={self.settings.pp}")
+        unwrap(self.model).load_state_dict(state["model"])
+        if self.optimizer is not None and "optimizer" in state:
+            with cpu_compat.cpu_device_mode():
+                self.optimizer.load_state_dict(state["optimizer"])
+                if self.settings.use_distributed_optimizer:
+                    # Copies into fp32 main params that require grad: no autograd here.
+                    with torch.no_grad():
+                        _load_parameter_state_keeping_step(self.optimizer, self._param_state_file(path),
+                                                           state.get("adam_step"))
+        torch.set_rng_state(state["rng"])
+
+    def save_distributed_checkpoint(self, path: str) -> None:
+        """Model weights via megatron dist_checkpointing: reloadable under any TP/PP layout."""
+        save_model_distributed(self.model, path)
+
+    def load_distributed_checkpoint(self, path: str) -> None:
+        load_model_distributed(self.model, path)
+
+    @property
+    def device(self) -> torch.device:
+        return platform.torch_device()
+
+
+def _inner_states(optimizer) -> list[dict]:
+    """The per-parameter state dicts of the torch optimizers inside a megatron optimizer."""
+    return [st for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            for st in opt.optimizer.state.values()]
+
+
+def _inner_steps(optimizer) -> Optional[torch.Tensor]:
+    # torch Adam counts steps per parameter; they all advance together.
+    steps = [st["step"] for st in _inner_states(optimizer) if "step" in st]
+    return steps[0].clone() if steps else None
+
+
+def _load_parameter_state_keeping_step(optimizer, filename: str, step: Optional[torch.Tensor]) -> None:
+    """``load_parameter_state`` of megatron's distributed optimizer with plain torch Adam.
+
+    Megatron saves only param / exp_avg / exp_avg_sq per parameter, but
+    copies every key of the live state on load, so torch Adam's ``step``
+    raises KeyError. Take ``step`` out for the load and put the saved one back.
+    """
+    for st in _inner_states(optimizer):
+        st.pop("step", None)
+    optimizer.load_parameter_state(filename)
+    if step is not None:
+        for st in _inner_states(optimizer):
+            st["step"] = step.clone()

@@ -1,0 +1,134 @@
+"""Running micro-batches through a (pipelined) Megatron GPTModel.
+
+Thin wrappers around megatron's ``get_forward_backward_func``: the pipeline
+schedule (1F1B with PP > 1, a plain loop otherwise) moves activations
+between stages; the callables here only say what goes in on the first
+stage and what to do with the logits on the last one.
+
+A micro-batch is a dict with ``input_ids`` ([b, s] long) and any extra
+tensors a loss function needs. All micro-batches of one call must share
+``[b, s]`` (pad them with :func:`pad_micro_batches`): the pipeline's p2p
+buffers have a fixed shape.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from chatlearn.models.megatron import cpu_compat
+from chatlearn.utils import platform
+
+# loss_fn(logits [b, s, V] fp32, micro_batch) -> (scalar loss, metrics dict of floats/tensors)
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+def pad_micro_batches(micro_batches: list[dict], pad_id: int = 0) -> list[dict]:
+    """Right-pad every ``input_ids`` (and same-shaped [b, s] tensors) to the longest length.
+
+    Right padding does not change the logits of the real tokens (causal
+    attention), so no attention mask is needed. A ``seq_lens`` entry keeps
+    the unpadded lengths if it is not there already.
+    """
+    length = max(mb["input_ids"].shape[1] for mb in micro_batches)
+    out = []
+    for mb in micro_batches:
+        b, s = mb["input_ids"].shape
+        new = dict(mb)
+        new.setdefault("seq_lens", torch.full((b,), s, dtype=torch.long))
+        if s < length:
+            for key, value in mb.items():
+                if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (b, s):
+                    fill = pad_id if key == "input_ids" else 0
+                    new[key] = torch.nn.functional.pad(value, (0, length - s), value=fill)
+        out.append(new)
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | prefix) for t < s-1: shape [b, s-1], fp32."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def _model_inputs(mb: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids = mb["input_ids"].to(device)
+    b, s = input_ids.shape
+    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    return input_ids, position_ids
+
+
+def run_micro_batches(
+    model: torch.nn.Module,
+    micro_batches: list[dict],
+    on_logits: Callable[[torch.Tensor, dict], Any],
+    forward_only: bool,
+) -> list[Any]:
+    """Run the schedule; return ``on_logits``' results per micro-batch on the last stage, else [].
+
+    With ``forward_only=False``, ``on_logits`` must return ``(loss, metrics)``
+    and gradients are accumulated into the model (``loss`` is divided by the
+    number of micro-batches by megatron's schedule).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+    shape = micro_batches[0]["input_ids"].shape
+    if any(mb["input_ids"].shape != shape for mb in micro_batches):
+        raise ValueError("all micro-batches of one call need the same [batch, seq] shape: pad them first")
+    device = platform.torch_device()
+    batches = iter(micro_batches)
+
+    def forward_step(data_iterator, chunk):
+        mb = next(data_iterator)
+        input_ids, position_ids = _model_inputs(mb, device)
+        # attention_mask None: the local attention applies its causal mask.
+        logits = chunk(input_ids, position_ids, None)
+        if not ps.is_pipeline_last_stage():
+            return logits, None
+
+        # The schedule passes non_loss_data=True when collecting forward-only outputs.
+        def reduce(output, non_loss_data: bool = False):
+            result = on_logits(output, mb)
+            if forward_only:
+                return result
+            loss, metrics = result
+            # The schedule divides the returned loss in place (by the number of
+            # micro-batches); metrics holding loss.detach() would share storage.
+            metrics = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+            return loss, metrics
+
+        return logits, reduce
+
+    with cpu_compat.cpu_device_mode():
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=batches,
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=shape[1],
+            micro_batch_size=shape[0],
+            forward_only=forward_only,
+            collect_non_loss_data=forward_only,
+        )
+    return list(results) if ps.is_pipeline_last_stage() else []
+
+
+def forward_logprobs(model: torch.nn.Module, micro_batches: list[dict]) -> Optional[torch.Tensor]:
+    """Token log-probs [sum b, s-1] of all micro-batches on the last stage; None elsewhere."""
+    model.eval()
+    with torch.no_grad():
+        outs = run_micro_batches(model, micro_batches,
+                                 lambda logits, mb: token_logprobs(logits, mb["input_ids"].to(logits.device)),
+                                 forward_only=True)
+    return torch.cat([o.cpu() for o in outs], 0) if outs else None
+
+
+def forward_logits(model: torch.nn.Module, micro_batches: list[dict]) -> Optional[torch.Tensor]:
+    """Full-vocab logits [sum b, s, V] on the last stage; None elsewhere (for tests/debugging)."""
+    model.eval()
+    with torch.no_grad():
+        outs = run_micro_batches(model, micro_batches, lambda logits, mb: logits.float().cpu(), forward_only=True)
+    return torch.cat(outs, 0) if outs else None

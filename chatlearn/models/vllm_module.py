@@ -1,0 +1,447 @@
+"""Generation with vLLM: an in-process ``vllm.LLM`` per worker, hot weight updates.
+
+``VLLMModule`` is the policy's inference side in an RLHF run. Its model args
+(the ``model_config_file`` of the model, see ``VLLMArgs`` in
+``chatlearn/config/schema.py``) use ChatLearn's key names; this module maps
+them to ``vllm.LLM(...)`` and ``vllm.SamplingParams`` arguments.
+
+``forward_step`` returns per sample, in the layout documented in docs/vllm.md:
+``prompt_ids``/``response_ids`` (lists), ``response_text``, ``finish_reason``,
+and right-padded ``[B, L]`` tensors ``all_token_ids``, ``attention_mask``,
+``loss_mask`` and ``old_logprobs`` (position t describes token
+``all_token_ids[b, t]``), plus ``prompt_len``/``response_len``.
+
+Weights arrive in Hugging Face names (``load_parameters_from_sync``) and are
+loaded through vLLM's ``reload_weights``; ``named_parameters_for_sync`` reads
+the engine's current weights back, un-fused to Hugging Face names, so that
+``validate_param_sync`` compares like with like (see
+``chatlearn/synchronizer/vllm_sync.py``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+import torch
+
+from chatlearn.models.base import BaseModule
+from chatlearn.synchronizer import vllm_sync
+
+if TYPE_CHECKING:
+    from vllm import LLM, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Logprob of the sampled token only: vLLM always includes the sampled token,
+# so 0 extra alternatives is the cheapest request that still returns it.
+SAMPLED_TOKEN_LOGPROBS = 0
+
+
+# --------------------------------------------------------------------------
+# Sampling parameters (pure functions, no engine needed)
+# --------------------------------------------------------------------------
+
+def parse_stop_list(value: Optional[str | Sequence[str]]) -> list[str]:
+    """``"a;b"`` -> ``["a", "b"]``; empty entries are dropped. A list passes through."""
+    if value is None:
+        return []
+    items = value.split(";") if isinstance(value, str) else list(value)
+    return [s for s in items if s != ""]
+
+
+def sampling_kwargs(
+    args: Mapping[str, Any],
+    *,
+    is_eval: bool = False,
+    prompt_len: int = 0,
+    max_model_len: Optional[int] = None,
+    special_token_ids: Optional[Mapping[str, int]] = None,
+) -> dict[str, Any]:
+    """ChatLearn's sampling keys -> ``vllm.SamplingParams`` keyword arguments.
+
+    * ``eval_temperature``/``eval_top_k``/``eval_top_p`` replace
+      ``temperature``/``top_k``/``top_p`` when ``is_eval``.
+    * ``top_k: -1`` (ChatLearn's "no limit") becomes vLLM's ``0``.
+    * ``stop_token_list`` is semicolon-separated. Entries that are special
+      tokens (``special_token_ids``) stop on the token id: their text is empty
+      once special tokens are skipped, so a stop *string* would never match.
+      The others are stop strings.
+    * Length: with ``new_token_limit`` at most ``max_new_tokens`` new tokens;
+      otherwise up to the model's length, ``max_model_len - prompt_len``.
+    * The logprob of every sampled token is always requested.
+    """
+    if args.get("use_beam_search", False):
+        raise NotImplementedError(
+            "use_beam_search is not supported: this vLLM has no beam search in SamplingParams "
+            "(LLM.beam_search returns no per-token logprobs for training). Set use_beam_search: False."
+        )
+    prefix = "eval_" if is_eval else ""
+    defaults = {"temperature": 0.0 if is_eval else 1.0, "top_p": 1.0, "top_k": -1}
+    temperature = float(args.get(prefix + "temperature", defaults["temperature"]))
+    top_p = float(args.get(prefix + "top_p", defaults["top_p"]))
+    top_k = int(args.get(prefix + "top_k", defaults["top_k"]))
+
+    room = None
+    if max_model_len is not None:
+        room = int(max_model_len) - int(prompt_len)
+        if room <= 0:
+            raise ValueError(f"a prompt of {prompt_len} tokens leaves no room to generate "
+                             f"within max_model_len {max_model_len}")
+    if args.get("new_token_limit", False) or room is None:
+        max_tokens = int(args.get("max_new_tokens", 64))
+        if room is not None:
+            max_tokens = min(max_tokens, room)
+    else:
+        max_tokens = room
+
+    stop_strings, stop_ids = [], []
+    for entry in parse_stop_list(args.get("stop_token_list")):
+        if special_token_ids and entry in special_token_ids:
+            stop_ids.append(int(special_token_ids[entry]))
+        else:
+            stop_strings.append(entry)
+
+    kwargs: dict[str, Any] = dict(
+        n=int(args.get("n", 1)),
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0 if top_k in (-1, 0) else top_k,
+        ignore_eos=bool(args.get("ignore_eos", False)),
+        max_tokens=max_tokens,
+        logprobs=SAMPLED_TOKEN_LOGPROBS,
+        # The text a reward reads then decodes exactly the tokens trained on.
+        include_stop_str_in_output=bool(args.get("include_stop_str_in_output", True)),
+    )
+    if stop_strings:
+        kwargs["stop"] = stop_strings
+    if stop_ids:
+        kwargs["stop_token_ids"] = stop_ids
+    if args.get("prompt_logprobs") is not None:
+        kwargs["prompt_logprobs"] = int(args["prompt_logprobs"])
+    if args.get("sampling_seed") is not None:
+        kwargs["seed"] = int(args["sampling_seed"])
+    return kwargs
+
+
+def build_sampling_params(args: Mapping[str, Any], **kwargs: Any) -> "SamplingParams":
+    """``vllm.SamplingParams(**sampling_kwargs(args, **kwargs))``."""
+    from vllm import SamplingParams
+
+    return SamplingParams(**sampling_kwargs(args, **kwargs))
+
+
+def engine_kwargs(args: Mapping[str, Any], *, tensor_parallel_size: int = 1, on_gpu: bool = False,
+                  seed: int = 0) -> dict[str, Any]:
+    """ChatLearn model args -> ``vllm.LLM(...)`` keyword arguments.
+
+    ``load`` (or ``model``) is the HF model directory; ``tokenizer`` defaults
+    to it. On CPU the engine runs in float32, eagerly (no compile step:
+    start ~3 s instead of tens of seconds). ``max_paddings`` is accepted
+    for old configs and ignored (vLLM V1 has no padding budget).
+    """
+    model = args.get("load") or args.get("model")
+    if not model:
+        raise ValueError("a vLLM model needs `load: <HF model directory>` in its model args")
+    kwargs: dict[str, Any] = dict(
+        model=str(model),
+        tokenizer=str(args.get("tokenizer") or model),
+        tensor_parallel_size=int(tensor_parallel_size),
+        dtype=args.get("dtype", "auto" if on_gpu else "float32"),
+        enforce_eager=bool(args.get("enforce_eager", not on_gpu)),
+        seed=int(args.get("seed", seed)),
+    )
+    max_len = args.get("max_model_len", args.get("seq_length"))
+    if max_len is not None:
+        kwargs["max_model_len"] = int(max_len)
+    for key in ("block_size", "max_num_batched_tokens", "max_num_seqs", "kv_cache_memory_bytes",
+                "logprobs_mode", "enable_prefix_caching"):
+        if args.get(key) is not None:
+            kwargs[key] = args[key]
+    if on_gpu and args.get("gpu_memory_utilization") is not None:
+        kwargs["gpu_memory_utilization"] = float(args["gpu_memory_utilization"])
+    return kwargs
+
+
+# --------------------------------------------------------------------------
+# Output layout (pure function)
+# --------------------------------------------------------------------------
+
+def build_rollout_batch(
+    data: Mapping[str, Any],
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[Mapping[str, Any]]],
+    pad_token_id: int,
+) -> dict[str, Any]:
+    """Turn per-prompt completions into a flat, right-padded sample batch.
+
+    ``completions[i]`` lists prompt i's samples, each a dict with
+    ``token_ids``, ``logprobs`` (one float per token), ``text``,
+    ``finish_reason`` and optionally ``prompt_logprobs`` (one per prompt
+    token, the first 0.0). Sample ``i * n + j`` is prompt i's j-th sample.
+    Every other key of ``data`` is repeated for each of a prompt's samples.
+    """
+    num_prompts = len(prompt_ids)
+    if len(completions) != num_prompts:
+        raise ValueError(f"{len(completions)} completions for {num_prompts} prompts")
+    repeats = [len(c) for c in completions]
+    index = torch.tensor([i for i, r in enumerate(repeats) for _ in range(r)], dtype=torch.long)
+
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == num_prompts:
+            out[key] = value.index_select(0, index)
+        elif isinstance(value, (list, tuple)) and len(value) == num_prompts:
+            out[key] = [value[i] for i in index.tolist()]
+        else:
+            raise ValueError(f"input key {key!r} does not have one entry per prompt ({num_prompts})")
+
+    samples = [(list(prompt_ids[i]), c) for i, group in enumerate(completions) for c in group]
+    lengths = [len(p) + len(c["token_ids"]) for p, c in samples]
+    width = max(lengths, default=0)
+    size = len(samples)
+    all_ids = torch.full((size, width), int(pad_token_id), dtype=torch.long)
+    attention = torch.zeros((size, width), dtype=torch.long)
+    loss_mask = torch.zeros((size, width), dtype=torch.long)
+    old_logprobs = torch.zeros((size, width), dtype=torch.float32)
+    has_prompt_logprobs = any("prompt_logprobs" in c for _, c in samples)
+    prompt_logprobs = torch.zeros((size, width), dtype=torch.float32) if has_prompt_logprobs else None
+    for row, (prompt, c) in enumerate(samples):
+        p, r = len(prompt), len(c["token_ids"])
+        if len(c["logprobs"]) != r:
+            raise ValueError(f"sample {row}: {len(c['logprobs'])} logprobs for {r} tokens")
+        all_ids[row, :p] = torch.tensor(prompt, dtype=torch.long)
+        all_ids[row, p:p + r] = torch.tensor(list(c["token_ids"]), dtype=torch.long)
+        attention[row, :p + r] = 1
+        loss_mask[row, p:p + r] = 1
+        old_logprobs[row, p:p + r] = torch.tensor(list(c["logprobs"]), dtype=torch.float32)
+        if prompt_logprobs is not None and c.get("prompt_logprobs") is not None:
+            prompt_logprobs[row, :p] = torch.tensor(list(c["prompt_logprobs"]), dtype=torch.float32)
+
+    out.update(
+        prompt_ids=[p for p, _ in samples],
+        response_ids=[list(c["token_ids"]) for _, c in samples],
+        response_text=[c["text"] for _, c in samples],
+        finish_reason=[c.get("finish_reason") for _, c in samples],
+        all_token_ids=all_ids,
+        attention_mask=attention,
+        loss_mask=loss_mask,
+        old_logprobs=old_logprobs,
+        prompt_len=torch.tensor([len(p) for p, _ in samples], dtype=torch.long),
+        response_len=torch.tensor([len(c["token_ids"]) for _, c in samples], dtype=torch.long),
+    )
+    if prompt_logprobs is not None:
+        out["prompt_logprobs"] = prompt_logprobs
+    return out
+
+
+# --------------------------------------------------------------------------
+# Worker-side functions run inside vLLM through collective_rpc
+# --------------------------------------------------------------------------
+
+def _worker_model(worker: Any) -> torch.nn.Module:
+    return worker.model_runner.get_model()
+
+
+def _worker_hf_state_dict(worker: Any, tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
+    return vllm_sync.read_hf_state_dict(_worker_model(worker), tie_word_embeddings)
+
+
+def _worker_hf_shapes(worker: Any, tie_word_embeddings: bool) -> dict[str, tuple[int, ...]]:
+    return vllm_sync.hf_shapes(_worker_model(worker), tie_word_embeddings)
+
+
+# --------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------
+
+class VLLMModule(BaseModule):
+    """Generation through an in-process ``vllm.LLM``; receives weights in HF names.
+
+    ``model_args`` may be given directly (tests, scripts without
+    ``chatlearn.init``); otherwise they come from the model's config file.
+    """
+
+    def __init__(self, name: str, model_args: Optional[dict[str, Any]] = None):
+        super().__init__(name)
+        self._model_args_override = dict(model_args) if model_args is not None else None
+        self.llm: Optional["LLM"] = None
+        self.tokenizer: Any = None
+        self.max_model_len: int = 0
+        self.timings: dict[str, float] = {}
+        self._expected_shapes: Optional[dict[str, tuple[int, ...]]] = None
+        self._special_ids: dict[str, int] = {}
+
+    # -- configuration -------------------------------------------------------------
+    @property
+    def model_args(self) -> dict[str, Any]:
+        if self._model_args_override is not None:
+            return self._model_args_override
+        return super().model_args
+
+    def _tensor_parallel_size(self) -> int:
+        if self.worker is not None and self.worker.world_size > 1:
+            # The engine would start one actor per rank, each with its own
+            # full vLLM engine; vLLM spreads TP over its own workers instead.
+            raise NotImplementedError(
+                f"model {self.name!r}: VLLMModule runs one vLLM engine per replica; set "
+                "tensor_model_parallel_size/pipeline_model_parallel_size to 1 and scale with replicas"
+            )
+        return int(self.model_args.get("tensor_model_parallel_size", 1))
+
+    def _default_seed(self) -> int:
+        if self._model_args_override is not None:
+            return 0
+        # Replicas sample independently: one seed each, reproducible per run.
+        replica = self.worker.replica_id if self.worker is not None else 0
+        return int(self.runtime_args.seed) + replica
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        config = self.llm.llm_engine.model_config.hf_config
+        return bool(getattr(config, "tie_word_embeddings", False))
+
+    # -- set-up --------------------------------------------------------------------
+    def setup(self) -> None:
+        from chatlearn.utils.vllm_env import configure_vllm_cpu_env, cuda_available
+
+        on_gpu = cuda_available()
+        tp = self._tensor_parallel_size()
+        # Before `import vllm`: vLLM reads several of these once, at import.
+        # In process for TP 1: the weight update hands tensors to the worker.
+        # The KV cache is sized by kv_cache_memory_bytes when the args give it
+        # (the variable would override it).
+        kv_from_args = self.model_args.get("kv_cache_memory_bytes") is not None
+        configure_vllm_cpu_env(kv_cache_gib=None if kv_from_args else 1, in_process=tp == 1)
+        if tp == 1:
+            # configure_vllm_cpu_env leaves a CUDA machine alone; the in-process
+            # engine core is what the weight update needs there too.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not on_gpu and tp > 1:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tp)))
+
+        start = time.perf_counter()
+        from vllm import LLM
+
+        imported = time.perf_counter()
+        kwargs = engine_kwargs(self.model_args, tensor_parallel_size=tp, on_gpu=on_gpu,
+                               seed=self._default_seed())
+        self.llm = LLM(**kwargs)
+        self.timings.update(import_s=imported - start, engine_start_s=time.perf_counter() - imported)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._special_ids = self._special_token_ids()
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        logger.info("vLLM engine for %s started in %.1f s (import %.1f s)", self.name,
+                    self.timings["engine_start_s"], self.timings["import_s"])
+
+    # -- generation ----------------------------------------------------------------
+    def forward_step(self, data: dict, iteration: int) -> dict:
+        return self.generate(data, is_eval=False)
+
+    def eval_forward(self, data: dict, iteration: int) -> dict:
+        return self.generate(data, is_eval=True)
+
+    def _special_token_ids(self) -> dict[str, int]:
+        tok = self.tokenizer
+        names = list(getattr(tok, "all_special_tokens", []))
+        names += [t.content if hasattr(t, "content") else str(t)
+                  for t in getattr(tok, "added_tokens_decoder", {}).values()]
+        ids = {}
+        for name in names:
+            token_id = tok.convert_tokens_to_ids(name)
+            if token_id is not None and token_id != getattr(tok, "unk_token_id", None):
+                ids[name] = int(token_id)
+        return ids
+
+    def _prompt_token_ids(self, data: Mapping[str, Any]) -> list[list[int]]:
+        if "prompt_ids" in data:
+            value = data["prompt_ids"]
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                # A collated 2-D tensor has lost each prompt's length.
+                raise TypeError("prompt_ids must be a list of token id lists (or 1-D tensors), "
+                                "not a padded 2-D tensor")
+            return [[int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)] for p in value]
+        if "prompt" in data:
+            # Tokenize here rather than in vLLM so the returned prompt_ids are exactly what was fed.
+            return [list(self.tokenizer(text).input_ids) for text in data["prompt"]]
+        raise KeyError(f"model {self.name!r}: a generation batch needs `prompt_ids` or `prompt`, "
+                       f"got keys {sorted(data)}")
+
+    def generate(self, data: Mapping[str, Any], is_eval: bool = False) -> dict[str, Any]:
+        """Sample from every prompt of ``data``; see ``build_rollout_batch`` for the output."""
+        if self.llm is None:
+            raise RuntimeError(f"model {self.name!r}: call setup() before generating")
+        prompts = self._prompt_token_ids(data)
+        params = [build_sampling_params(self.model_args, is_eval=is_eval, prompt_len=len(p),
+                                        max_model_len=self.max_model_len, special_token_ids=self._special_ids)
+                  for p in prompts]
+        start = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        completions = [[self._completion(out, c) for c in out.outputs] for out in outputs]
+        new_tokens = sum(len(c["token_ids"]) for group in completions for c in group)
+        self.timings.update(generate_s=seconds, generated_tokens=float(new_tokens))
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id or 0
+        return build_rollout_batch(data, prompts, completions, pad)
+
+    @staticmethod
+    def _completion(request_output: Any, completion: Any) -> dict[str, Any]:
+        token_ids = list(completion.token_ids)
+        if completion.logprobs is None or len(completion.logprobs) != len(token_ids):
+            raise RuntimeError("vLLM returned no logprob for some sampled tokens")
+        result = {
+            "token_ids": token_ids,
+            "logprobs": [step[token].logprob for step, token in zip(completion.logprobs, token_ids)],
+            "text": completion.text,
+            "finish_reason": completion.finish_reason,
+        }
+        if request_output.prompt_logprobs is not None:
+            ids = request_output.prompt_token_ids
+            # The first prompt token has no logprob (nothing precedes it).
+            result["prompt_logprobs"] = [0.0 if step is None else step[token].logprob
+                                         for step, token in zip(request_output.prompt_logprobs, ids)]
+        return result
+
+    # -- weight sync ---------------------------------------------------------------
+    def _check_in_process(self) -> None:
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
+            raise NotImplementedError(
+                f"model {self.name!r}: weight sync needs the in-process vLLM engine "
+                "(VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor parallel size 1): tensors do not "
+                "cross vLLM's RPC to separate worker processes"
+            )
+
+    def load_parameters_from_sync(self, params: dict[str, torch.Tensor]) -> int:
+        """Load full HF-named weights into the running engine; returns the bytes loaded."""
+        self._check_in_process()
+        if self._expected_shapes is None:
+            self._expected_shapes = self.llm.collective_rpc(
+                _worker_hf_shapes, args=(self.tie_word_embeddings,))[0]
+        vllm_sync.check_incoming_weights(params, self._expected_shapes, self.name)
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(params.items())})
+        # Cached KV blocks were computed with the old weights: a prompt that
+        # shares a cached prefix would otherwise be decoded from stale KV.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(f"model {self.name!r}: vLLM refused to reset its prefix cache "
+                               "after a weight update (requests still running?)")
+        self.timings["weight_update_s"] = time.perf_counter() - start
+        return vllm_sync.state_dict_nbytes(params)
+
+    def named_parameters_for_sync(self) -> dict[str, torch.Tensor]:
+        """The engine's current weights, un-fused to HF names (see vllm_sync)."""
+        self._check_in_process()
+        return self.llm.collective_rpc(_worker_hf_state_dict, args=(self.tie_word_embeddings,))[0]
+
+    def parameter_checksums(self) -> dict[str, tuple[float, float]]:
+        return vllm_sync.checksums(self.named_parameters_for_sync())
+
+    def shutdown(self) -> None:
+        """Drop the engine (tests start several engines in one process, one at a time)."""
+        self.llm = None
+        import gc
+
+        gc.collect()

@@ -1,0 +1,113 @@
+"""Bad input to the megatron backend fails early, with errors that name the file or key."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from chatlearn.models.megatron.model import load_hf_config, transformer_config_from_hf
+from chatlearn.models.megatron.module import MegatronModule, MegatronSettings
+from chatlearn.utils.tiny_assets import ensure_tiny_assets
+from tests.test_megatron_convert import spawn
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = os.environ.get("CHATLEARN_TEST_ASSETS") or str(tmp_path_factory.mktemp("assets"))
+    return {"llama": str(ensure_tiny_assets(root, seed=0, arch="llama").model_dir),
+            "qwen2": str(ensure_tiny_assets(root, seed=1, arch="qwen2").model_dir)}
+
+
+def _variant(src: str, dst, config_changes: dict = None, weights_from: str = None) -> str:
+    """A copy of checkpoint ``src`` with edited config.json and/or another checkpoint's weights."""
+    shutil.copytree(src, dst)
+    if weights_from:
+        shutil.copy2(os.path.join(weights_from, "model.safetensors"), os.path.join(dst, "model.safetensors"))
+    if config_changes:
+        cfg = json.load(open(os.path.join(dst, "config.json")))
+        cfg.update(config_changes)
+        json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
+    return str(dst)
+
+
+@pytest.mark.parametrize("tp,message", [(4, "num_key_value_heads=2"), (3, "num_attention_heads=4")])
+def test_tp_must_divide_heads_and_kv_groups(models, tp, message):
+    with pytest.raises(ValueError, match=f"tensor parallel size {tp} does not divide.*{message}"):
+        transformer_config_from_hf(load_hf_config(models["llama"]), tp=tp, pp=1)
+
+
+def test_pp_must_divide_layers(models):
+    with pytest.raises(ValueError, match="pipeline parallel size 3 does not divide num_hidden_layers=2"):
+        transformer_config_from_hf(load_hf_config(models["llama"]), tp=1, pp=3)
+
+
+def test_missing_checkpoint_fails_in_setup_before_distributed(tmp_path):
+    module = MegatronModule("policy")
+    module.settings = MegatronSettings(load=str(tmp_path / "nope"), trainable=True)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        module.setup()
+
+
+def test_other_architecture_config(models, tmp_path):
+    bad = _variant(models["llama"], tmp_path / "gpt2", {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    module = MegatronModule("policy")
+    module.settings = MegatronSettings(load=bad)
+    with pytest.raises(ValueError, match="unsupported HF model_type 'gpt2'.*GPT2LMHeadModel"):
+        module.setup()
+
+
+def _weights_worker(rank: int, world: int, cases: dict) -> None:
+    for name, (model_dir, exc, pattern) in cases.items():
+        module = MegatronModule("policy")
+        module.settings = MegatronSettings(load=model_dir, trainable=True)
+        if exc is None:  # loads fine, to the same weights as the safetensors original
+            module.setup()
+            original = torch.load(os.path.join(model_dir, "pytorch_model.bin"), weights_only=True)
+            exported = module.named_parameters_for_sync()
+            assert sorted(exported) == sorted(original)
+            assert all(torch.equal(exported[k], original[k]) for k in original)
+            continue
+        with pytest.raises(exc, match=pattern):
+            module.setup()
+        assert module.model is None and module.optimizer is None, name  # failed before training was set up
+
+
+def test_weights_that_do_not_fit_the_config(models, tmp_path):
+    from safetensors.torch import load_file
+
+    llama, qwen2 = models["llama"], models["qwen2"]
+    bin_dir = _variant(llama, tmp_path / "as_bin")
+    os.remove(os.path.join(bin_dir, "model.safetensors"))
+    torch.save(load_file(os.path.join(llama, "model.safetensors")), os.path.join(bin_dir, "pytorch_model.bin"))
+    no_weights = _variant(llama, tmp_path / "no_weights")
+    os.remove(os.path.join(no_weights, "model.safetensors"))
+    cases = {
+        # A Qwen2 config over Llama weights: the qkv biases are missing.
+        "qwen2_cfg_llama_weights": (_variant(qwen2, tmp_path / "a", weights_from=llama), KeyError,
+                                    r"model.layers.0.self_attn.q_proj.bias.*not found in HF checkpoint .*/a"),
+        # A Llama config over Qwen2 weights: the biases are left over.
+        "llama_cfg_qwen2_weights": (_variant(llama, tmp_path / "b", weights_from=qwen2), ValueError,
+                                    r"/b/model.safetensors has tensors a llama model does not use.*bias"),
+        "wrong_shape": (_variant(llama, tmp_path / "c", {"intermediate_size": 512}), ValueError,
+                        r"gate_proj.weight' in .*/c/model.safetensors has shape \(256, 128\).*\(512, 128\)"),
+        "no_weights": (no_weights, FileNotFoundError, "no weights in .*no_weights"),
+        "torch_bin_loads": (bin_dir, None, None),
+    }
+    spawn(_weights_worker, 1, cases)
+
+
+def test_settings_from_model_config(models):
+    from chatlearn.config.schema import ModelConfig
+
+    entry = ModelConfig(trainable=True, tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    settings = MegatronSettings.from_args(entry, {"load": models["llama"], "lr": 3e-4, "vllm_only_key": 1})
+    assert (settings.tp, settings.pp, settings.trainable, settings.lr) == (2, 2, True, 3e-4)
+    with pytest.raises(ValueError, match="need 'load'"):
+        MegatronSettings.from_args(entry, {"lr": 1.0})
+
+    entry.lora.enable_lora, entry.lora.lora_dim, entry.lora.column_only_qkv = True, 4, True
+    settings = MegatronSettings.from_args(entry, {"load": models["llama"]})
+    assert settings.lora_rank == 4 and settings.lora_targets == ("linear_qkv", "linear_proj", "linear_fc2")
