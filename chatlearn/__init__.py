@@ -7,7 +7,8 @@ and do not pull in torch, Ray or vLLM until they are needed):
     chatlearn.init(config_path=None)              parse config (or -c/--config), start Ray
     chatlearn.get_args()                          the config passed to init()
     chatlearn.TorchModule                         base class for plain-PyTorch models
-    chatlearn.Engine, RLHFEngine                  engines
+    chatlearn.Engine                              the generic engine (environment, trainer, evaluator flows)
+    chatlearn.RLHFEngine, GRPOEngine, OnlineDPOEngine   the RL presets (PPO, GRPO, online DPO)
     chatlearn.Environment, Trainer, Evaluator     flows
     chatlearn.EpisodeRelayBuffer                  relay buffer type for relay_sample_fn
 """
@@ -26,7 +27,9 @@ _EXPORTS = {
     "BaseModule": "chatlearn.models.base",
     "TorchModule": "chatlearn.models.torch_module",
     "Engine": "chatlearn.runtime.engine",
-    "RLHFEngine": "chatlearn.runtime.engine",
+    "RLHFEngine": "chatlearn.runtime.rl_engines",
+    "GRPOEngine": "chatlearn.runtime.rl_engines",
+    "OnlineDPOEngine": "chatlearn.runtime.rl_engines",
     "Environment": "chatlearn.runtime.flow",
     "Trainer": "chatlearn.runtime.flow",
     "Evaluator": "chatlearn.runtime.flow",

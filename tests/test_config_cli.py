@@ -38,6 +38,20 @@ def test_validate_prints_config_and_placement():
     assert elapsed < 5, f"chatlearn validate took {elapsed:.1f}s"
 
 
+def test_validate_accepts_the_example_configs():
+    """The committed example configs validate as shipped (no environment knobs set), on both kinds of run."""
+    knobs = ("num_episode", "sample_per_episode", "data_path", "num_cpu_policy", "policy_tp", "num_gpu_policy",
+             "output_dir", "exp_name", "ray_address")
+    env = {k: v for k, v in os.environ.items() if k not in knobs}
+    for config in (TOY, os.path.join(ROOT, "configs", "example.yaml")):
+        for device in ("cpu", "gpu"):
+            proc = subprocess.run([sys.executable, "-m", "chatlearn.cli", "validate", config, "--device", device],
+                                  capture_output=True, text=True, env={**env, "PYTHONPATH": ROOT}, cwd=ROOT,
+                                  timeout=60)
+            assert proc.returncode == 0, (config, device, proc.stderr)
+            assert f"# placement plan ({device} run)" in proc.stdout
+
+
 def test_validate_errors_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  policy:\n    num_cpus: 1\nruntime:\n  num_episode: abc\n")

@@ -133,6 +133,33 @@ def test_typed_env_values_pass_where_quoted_strings_fail(tmp_path, monkeypatch):
     assert cfg.models["policy"].num_cpu == 2 and cfg.models["policy"].trainable is False
 
 
+def test_env_typed_values_keep_their_text_where_a_string_is_expected(tmp_path, monkeypatch):
+    # An environment variable cannot be quoted: exp_name=2024 must still give the string "2024".
+    for name in ("EXP", "OUT", "CKPT", "TOK", "STOP", "NCPU"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EXP", "2024")
+    monkeypatch.setenv("TOK", "7")
+    monkeypatch.setenv("NCPU", "2")
+    files = {"gen.yaml": "tokenizer: ${TOK:gpt2}\nstop_token_list: ${STOP:12}\nseq_length: ${NCPU:1}\n"}
+    text = OK_MODELS.replace("num_cpu: 2\n  ppo", "num_cpu: ${NCPU:1}\n    model_config_file: gen.yaml\n  ppo")
+    text += "runtime:\n  exp_name: ${EXP:run}\n  output_dir: ${OUT:1.5}\n  data_checkpoint_path: ${CKPT:true}\n"
+    cfg = load_yaml(tmp_path, text, files)
+    assert cfg.runtime.exp_name == "2024" and cfg.runtime.output_dir == "1.5"
+    assert cfg.runtime.data_checkpoint_path == "true"
+    policy = cfg.models["policy"]
+    assert policy.num_cpu == 2  # where the schema wants an int, it stays an int
+    # vLLM string keys take the text; free-form backend keys stay typed.
+    assert policy.args_dict == {"tokenizer": "7", "stop_token_list": "12", "seq_length": 2}
+
+    # Numbers written literally are still errors, in the main file and inline over a model file.
+    text = OK_MODELS.replace("num_cpu: 2\n  ppo", "num_cpu: 2\n    model_config_file: gen.yaml\n"
+                                                  "    args_dict:\n      tokenizer: 7\n  ppo")
+    assert problems(tmp_path, text + "runtime:\n  exp_name: 2024\n", files) == [
+        "rlhf.yaml: models.policy.args_dict.tokenizer: expected str or null, got 7 (int)",
+        "rlhf.yaml: runtime.exp_name: expected str, got 2024 (int)",
+    ]
+
+
 def test_env_vars_values_become_strings_and_floats_accept_ints(tmp_path):
     cfg = load_yaml(tmp_path, OK_MODELS + "runtime_env:\n  env_vars:\n    N: 1\n    F: true\n"
                     "runtime:\n  actor_timeout_s: 30\n")

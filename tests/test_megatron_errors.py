@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -111,3 +112,60 @@ def test_settings_from_model_config(models):
     entry.lora.enable_lora, entry.lora.lora_dim, entry.lora.column_only_qkv = True, 4, True
     settings = MegatronSettings.from_args(entry, {"load": models["llama"]})
     assert settings.lora_rank == 4 and settings.lora_targets == ("linear_qkv", "linear_proj", "linear_fc2")
+
+
+def test_adaptive_checkpoint_setting_follows_runtime_config(models):
+    from chatlearn.config import globals as cl_globals
+    from chatlearn.config.schema import ChatLearnConfig, ModelConfig, RuntimeConfig
+
+    entry = ModelConfig(trainable=True)
+    previous = cl_globals.get_args() if cl_globals.is_initialized() else None
+    try:
+        cl_globals._reset()
+        assert not MegatronSettings.from_args(entry, {"load": models["llama"]}).adaptive_checkpoint
+        cl_globals.set_args(ChatLearnConfig(runtime=RuntimeConfig(adaptive_parallel_strategy_on_checkpoint=True)))
+        assert MegatronSettings.from_args(entry, {"load": models["llama"]}).adaptive_checkpoint
+        # An explicit model arg wins over the runtime default.
+        assert not MegatronSettings.from_args(entry, {"load": models["llama"], "adaptive_checkpoint": False}
+                                              ).adaptive_checkpoint
+    finally:
+        cl_globals._reset()
+        if previous is not None:
+            cl_globals.set_args(previous)
+
+
+def _checkpoint_errors_worker(rank: int, world: int, llama: str, qwen2: str, root: str) -> None:
+    def build(model_dir: str, **kw) -> MegatronModule:
+        module = MegatronModule("policy")
+        module.settings = MegatronSettings(load=model_dir, adaptive_checkpoint=True, **kw)
+        module.setup()
+        return module
+
+    saved = os.path.join(root, "llama_ckpt")
+    build(llama).save_checkpoint(saved)
+    assert sorted(os.listdir(saved))  # written before save_checkpoint returned
+
+    other = build(qwen2)
+    before = other.named_parameters_for_sync()
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {saved} is for another model architecture: "
+                                                   "model_type='llama' in the checkpoint, 'qwen2' here")):
+        other.load_checkpoint(saved)
+    after = other.named_parameters_for_sync()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was loaded
+
+    # Resuming training needs the optimizer state; this checkpoint was saved for inference.
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {saved} has no optimizer state")):
+        build(llama, trainable=True).load_checkpoint(saved)
+
+    # A trainer saved before its first step (no Adam state yet) still round-trips.
+    fresh = os.path.join(root, "fresh_ckpt")
+    build(llama, trainable=True, use_distributed_optimizer=True).save_checkpoint(fresh)
+    build(llama, trainable=True, use_distributed_optimizer=True).load_checkpoint(fresh)
+
+    missing = os.path.join(root, "no_such_ckpt")
+    with pytest.raises(FileNotFoundError, match=re.escape(missing)):
+        other.load_checkpoint(missing)
+
+
+def test_checkpoint_of_another_model_or_missing_fails_clearly(models, tmp_path):
+    spawn(_checkpoint_errors_worker, 1, models["llama"], models["qwen2"], str(tmp_path))

@@ -43,7 +43,9 @@ def _train_worker(rank: int, world: int, model_dir: str, expected_logprobs: torc
 
         out = module.forward_step({"input_ids": _data(0)[0]["input_ids"]}, 0)
         if ps.is_pipeline_last_stage():
-            err = (out["logprobs"] - expected_logprobs).abs().max().item()
+            # Aligned with input_ids: position 0 has no logprob.
+            assert torch.all(out["logprobs"][:, 0] == 0), where
+            err = (out["logprobs"][:, 1:] - expected_logprobs).abs().max().item()
             assert err < 2e-5, f"{where}: logprobs differ from transformers by {err}"
         else:
             assert out == {}

@@ -10,6 +10,7 @@ import torch
 import chatlearn
 from chatlearn import Engine, Environment, Evaluator, RLHFEngine, Trainer
 from chatlearn.data.prompts import PromptDataset
+from chatlearn.data.relay import RelayBuffers
 from chatlearn.runtime.calls import WorkerTimeoutError
 from chatlearn.runtime.engine import FlowError
 from chatlearn.runtime.worker import RemoteCallError
@@ -33,7 +34,8 @@ def build_rlhf(evaluator=None):
     value = ToyValue("value")
     ppo_policy = ToyTrainer("ppo_policy")
     ppo_value = ToyTrainer("ppo_value")
-    return RLHFEngine(policy, reference, reward, value, ppo_policy, ppo_value, evaluator=evaluator)
+    return RLHFEngine(policy, reference, reward, value, ppo_policy, ppo_value, evaluator=evaluator,
+                      compute_advantages=False)
 
 
 def train_steps(tmp_path, model="ppo_policy", rank=0) -> list[dict]:
@@ -56,6 +58,9 @@ def test_rlhf_three_episodes_with_replicas_colocation_and_sync(ray_session, toy_
     lines = read_metrics(os.path.join(toy_env, "out", "toy", "metrics.jsonl"))
     assert [r["episode"] for r in lines] == [0, 1, 2]
     assert "time/policy.forward_step" in lines[0] and "time/ppo_policy.train_step" in lines[0]
+    # ... and the same metrics as TensorBoard events beside it.
+    tb_dir = os.path.join(toy_env, "out", "toy", "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb_dir))
 
     # Colocated models share device slots; the tensor-parallel-style reference
     # replica's two ranks all-reduced over gloo inside their group.
@@ -132,6 +137,32 @@ def test_relay_buffers_with_custom_sample_fn(ray_session, toy_env, monkeypatch):
     assert [m["train/steps"] for m in history] == [1, 2, 3]
 
 
+def test_relay_default_sampler_trains_on_its_draw_in_order(ray_session, toy_env, monkeypatch):
+    """Relay on, no relay_sample_fn: each episode trains on sample_per_episode samples drawn
+    by the documented default (RelayBuffers.select) from the last two episodes, in pool order."""
+    monkeypatch.setenv("max_relay_episode", "2")
+    chatlearn.init(CONFIG)
+    prompts = make_prompts(40)
+    engine = build_rlhf()
+    engine.set_dataset(prompts)
+    history = engine.learn()
+    assert [m["samples/train"] for m in history] == [16, 16, 16]
+
+    expected_prompts = PromptDataset(prompts, seed=7)
+    relay = RelayBuffers(max_relay_episode=2, relay_episode_offset=0, seed=7)
+    trained = [r for r in records(toy_env, "ppo_policy") if "iteration" in r]
+    for episode in range(3):
+        current = [p["prompt_id"] for p in expected_prompts.next_episode(16)]
+        relay.add(episode, [{"prompt_id": i} for i in current])
+        want = [s["prompt_id"] for s in relay.select(episode, num_samples=16)]
+        assert (want == current) == (episode == 0)  # later episodes mix in the previous one
+        by_step = {}
+        for r in trained[4 * episode:4 * episode + 4]:
+            by_step.setdefault(r["iteration"], {})[r["rank"]] = r["prompt_ids"]
+        got = [i for it in sorted(by_step) for rank in (0, 1) for i in by_step[it][rank]]
+        assert got == want, episode
+
+
 def test_evaluator_runs_every_interval(ray_session, toy_env, monkeypatch):
     monkeypatch.setenv("eval_interval", "2")
     monkeypatch.setenv("num_episode", "4")
@@ -162,6 +193,9 @@ def test_evaluator_runs_every_interval(ray_session, toy_env, monkeypatch):
     assert history[1]["eval/n"] == 6
     # Training pulls the policy towards response == x, so the evaluated reward improves.
     assert history[3]["eval/reward_mean"] > history[1]["eval/reward_mean"]
+    # A baseline evaluation runs before the first episode, logged as episode -1.
+    assert engine.initial_eval["eval/n"] == 6
+    assert engine.initial_eval["eval/reward_mean"] < history[1]["eval/reward_mean"]
 
 
 def test_resume_matches_uninterrupted_run(ray_session, tmp_path, monkeypatch):
@@ -170,6 +204,7 @@ def test_resume_matches_uninterrupted_run(ray_session, tmp_path, monkeypatch):
 
     def run(out: str, episodes: int):
         monkeypatch.setenv("output_dir", str(tmp_path / out))
+        monkeypatch.setenv("record_dir", str(tmp_path / out / "records"))
         monkeypatch.setenv("num_episode", str(episodes))
         chatlearn.init(CONFIG)
         engine = build_rlhf()
@@ -177,13 +212,29 @@ def test_resume_matches_uninterrupted_run(ray_session, tmp_path, monkeypatch):
         return engine.learn()
 
     full = run("full", 4)
-    run("resumed", 2)  # "killed" after two episodes
+    # Crash in the middle of episode 3 (its first train step ran, the second raises):
+    # episodes 1-2 are checkpointed, episode 3's partial work must be redone identically.
+    monkeypatch.setenv("trainer_fail_on_iteration", "5")
+    with pytest.raises(RemoteCallError, match="toy failure in ppo_policy at iteration 5"):
+        run("resumed", 4)
+    monkeypatch.delenv("trainer_fail_on_iteration")
     resumed = run("resumed", 4)
 
     assert len(resumed) == 4
     for a, b in zip(full, resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=0, abs=0)
-    for model in ("ppo_policy", "ppo_value", "policy"):
+    # Only trainers are checkpointed; the policy is re-synced from ppo_policy on resume,
+    # so it generated episodes 3-4 with the same weights as in the uninterrupted run.
+    assert not os.path.exists(tmp_path / "full/toy/checkpoints/episode_000003/models/policy")
+
+    def policy_weights(out: str) -> dict[int, float]:
+        path = tmp_path / out / "records" / "policy.jsonl"
+        return {r["iteration"]: r["weight_sum"] for r in map(json.loads, path.read_text().splitlines())}
+
+    full_policy, resumed_policy = policy_weights("full"), policy_weights("resumed")
+    later = [it for it in full_policy if it >= 8]  # episodes 3-4 (4 generation batches per episode)
+    assert later and all(resumed_policy[it] == full_policy[it] for it in later)
+    for model in ("ppo_policy", "ppo_value"):
         for rank_file in ("rank_000.pt",):
             a = torch.load(tmp_path / "full/toy/checkpoints/episode_000003/models" / model / rank_file,
                            weights_only=False)
@@ -215,18 +266,50 @@ def test_actor_exception_names_model_replica_rank_and_cleans_up(ray_session, toy
 
 
 def worker_processes(wait_s: float = 15.0) -> list:
-    """chatlearn worker processes still alive (Ray titles them ray::ModelWorker)."""
+    """chatlearn worker processes of this test session still alive (Ray titles them
+    ray::ModelWorker). Only descendants of this process count (the local Ray's raylet
+    starts the workers): other test runs on the same machine have workers of their own."""
     import time
 
     import psutil
 
     deadline = time.monotonic() + wait_s
     while True:
-        alive = [p for p in psutil.process_iter(["cmdline"])
-                 if any("ModelWorker" in part for part in (p.info["cmdline"] or []))]
+        ours = psutil.Process().children(recursive=True)
+        alive = []
+        for p in ours:
+            try:
+                if any("ModelWorker" in part for part in p.cmdline()):
+                    alive.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.5)
+
+
+def test_one_failed_rank_is_reported_while_the_rest_of_its_replica_blocks(ray_session, toy_env, tmp_path,
+                                                                           monkeypatch):
+    """Rank 0 of the 2-rank reference replica raises; rank 1 (its output rank) then blocks in
+    the all-reduce, and so does everything downstream. The run must stop with rank 0's error
+    right away, not wait for runtime.actor_timeout_s and then blame a blocked call."""
+    monkeypatch.setenv("actor_timeout", "120")  # without the watch, the run would end here with a time-out
+    (tmp_path / "fail.yaml").write_text(
+        (open(CONFIG).read()
+         .replace("model_config_file: toy_base.yaml\n    num_cpu: 2\n    tensor_model_parallel_size: 2",
+                  "model_config_file: toy_fail.yaml\n    num_cpu: 2\n    tensor_model_parallel_size: 2")))
+    for name in ("toy_base.yaml", "toy_policy.yaml", "toy_trainer.yaml"):
+        (tmp_path / name).write_text(open(os.path.join(os.path.dirname(CONFIG), name)).read())
+    (tmp_path / "toy_fail.yaml").write_text("fail_on_iteration: 2\nfail_on_rank: 0\n")
+    chatlearn.init(str(tmp_path / "fail.yaml"))
+    engine = build_rlhf()
+    engine.set_dataset(make_prompts(40))
+    with pytest.raises(RemoteCallError) as info:
+        engine.learn()
+    err = info.value
+    assert (err.model, err.replica, err.rank) == ("reference", 0, 0)
+    assert "toy failure in reference at iteration 2" in str(err)
+    assert worker_processes() == []
 
 
 def test_stuck_actor_is_reported_by_timeout(ray_session, toy_env, tmp_path, monkeypatch):

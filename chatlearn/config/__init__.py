@@ -1,7 +1,7 @@
 """chatlearn's YAML config: schema, loader, validation and placement plan.
 
     from chatlearn.config import load_config, plan_placement
-    cfg = load_config("examples/megatron/configs/toy/rlhf.yaml", ["runtime.num_episode=1"])
+    cfg = load_config("examples/toy/configs/rlhf.yaml", ["runtime.num_episode=1"])
     cfg.models["policy"].num_cpu
     plan = plan_placement(cfg, device="cpu")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 # The pseudo-file named by problems that come from ``overrides`` (the command
 # line or the ``overrides=`` argument of ``load_config``), not from a YAML file.
@@ -62,6 +62,11 @@ class IssueCollector:
 
     ``bad`` remembers the key paths that already have a problem, so that later
     cross-field checks can skip them instead of piling up follow-on errors.
+
+    ``env_text`` maps the key paths whose value the loader typed from a whole
+    ``${name:default}`` expression to ``(typed value, text)``: where the schema
+    wants a string, the text is used (``exp_name=2024`` gives ``"2024"``, since
+    an environment variable cannot be quoted).
     """
 
     def __init__(self, main_file: str = "", sources: Optional[dict[tuple, str]] = None) -> None:
@@ -69,6 +74,14 @@ class IssueCollector:
         self.sources: dict[tuple, str] = sources if sources is not None else {}
         self.issues: list[ConfigIssue] = []
         self.bad: set[tuple] = set()
+        self.env_text: dict[tuple, tuple[Any, str]] = {}
+
+    def text_from_env(self, path: tuple, value: Any) -> Optional[str]:
+        """The text ``value`` was typed from, if the loader typed it from ``${name:default}`` at ``path``."""
+        found = self.env_text.get(tuple(path))
+        if found is None or type(found[0]) is not type(value) or found[0] != value:
+            return None
+        return found[1]
 
     def file_for(self, path: tuple) -> str:
         for n in range(len(path), -1, -1):

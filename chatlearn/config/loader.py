@@ -283,20 +283,30 @@ class _EnvSubstituter:
 
     def value(self, text: str) -> Any:
         """The value of a whole YAML string: typed when it is exactly one ``${name:default}``."""
+        return self.typed(text)[0]
+
+    def typed(self, text: str) -> tuple[Any, Optional[str]]:
+        """``(value, text)``: ``text`` is what a non-string value was typed from (else None),
+        so that a field that wants a string can take it as written (``exp_name=2024``)."""
         if text.startswith("${") and _closing_brace(text, 2) == len(text) - 1:
             parsed = self._parse(text[2:-1])
             if parsed is not None:
                 name, default = parsed
                 if name in self.environ:
-                    value = type_env_value(self.environ[name])
-                    return _escape(value) if isinstance(value, str) else value
-                if default is None:
-                    raise EnvVarNotSet(name)
-                resolved = self.text(default)
-                # A default that still holds an omegaconf interpolation is left for
-                # omegaconf, which types it from its target.
-                return resolved if "${" in resolved else type_env_value(resolved)
-        return self.text(text)
+                    raw = self.environ[name]
+                else:
+                    if default is None:
+                        raise EnvVarNotSet(name)
+                    raw = self.text(default)
+                    # A default that still holds an omegaconf interpolation is left for
+                    # omegaconf, which types it from its target.
+                    if "${" in raw:
+                        return raw, None
+                value = type_env_value(raw)
+                if isinstance(value, str):
+                    return (_escape(value) if name in self.environ else value), None
+                return value, raw
+        return self.text(text), None
 
     def text(self, text: str) -> str:
         """``text`` with every ChatLearn expression replaced by its text (not typed)."""
@@ -362,11 +372,14 @@ def _substitute_tree(tree: dict, issues: IssueCollector, prefix: tuple) -> dict:
         if not isinstance(node, str) or "${" not in node:
             return node
         try:
-            return sub.value(node)
+            value, text = sub.typed(node)
         except EnvVarNotSet as e:
             issues.add(prefix + path, f"environment variable {e.name!r} is not set and {node!r} gives no "
                                       f"default (write ${{{e.name}:default}} to give one)")
             return None
+        if text is not None:
+            issues.env_text[prefix + path] = (value, text)
+        return value
 
     return walk(tree, ())
 
@@ -457,11 +470,13 @@ def _load_model_args(name: str, entry: dict, issues: IssueCollector) -> None:
     # While the file's values are substituted and resolved, problems must name
     # the file (or include) they came from, not the main config.
     main_sources, issues.sources = issues.sources, file_src
+    main_env_text, issues.env_text = issues.env_text, {}
     try:
         file_args = _substitute_tree(file_args, issues, args_path)
         file_args = _resolve_tree(file_args, issues, args_path)
     finally:
         issues.sources = main_sources
+        file_env_text, issues.env_text = issues.env_text, main_env_text
     inline = entry.get("args_dict")
     if inline is None:
         inline = {}
@@ -469,6 +484,10 @@ def _load_model_args(name: str, entry: dict, issues: IssueCollector) -> None:
         return  # validate() reports the type
     # Inline args_dict keys (and overrides of them) win over the file's.
     inline_src = {p: f for p, f in issues.sources.items() if p[:len(args_path)] == args_path}
+    inline_keys = {p for p in inline_src if len(p) > len(args_path)}
+    for p, typed in file_env_text.items():
+        if not any(p[:n] in inline_keys for n in range(len(args_path) + 1, len(p) + 1)):
+            issues.env_text[p] = typed
     merged_src = dict(file_src)
     _merge(file_args, merged_src, inline, inline_src, args_path)
     entry["args_dict"] = file_args

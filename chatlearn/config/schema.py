@@ -162,6 +162,8 @@ class VLLMArgs:
     eval_temperature: float = 0.0
     eval_top_k: int = -1
     eval_top_p: float = 1.0
+    # Responses per prompt in evaluation (greedy decoding allows only 1).
+    eval_n: int = 1
     # Semicolon-separated stop strings.
     stop_token_list: Optional[str] = None
     # Cap generation at max_new_tokens (else at the model's max length).

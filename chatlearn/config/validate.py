@@ -123,6 +123,7 @@ _RULES: dict[type, dict[str, list[Rule]]] = {
         "eval_temperature": [_at_least(0)],
         "eval_top_k": [_minus_one_or_positive("no limit")],
         "eval_top_p": [_within(0, 1, lo_open=True)],
+        "eval_n": [_at_least(1)],
         "max_new_tokens": [_at_least(1)],
         "prompt_logprobs": [_at_least(0)],
         "max_num_batched_tokens": [_at_least(1)],
@@ -177,7 +178,7 @@ def _check_type(tp: Any, value: Any, path: tuple, issues: IssueCollector, string
         if value is None:
             return None
         inner = [a for a in get_args(tp) if a is not type(None)][0]
-        if _matches_scalar(inner, value) or not _is_scalar_type(inner):
+        if _matches_scalar(inner, value) or not _is_scalar_type(inner) or _env_text(inner, value, path, issues):
             return _check_type(inner, value, path, issues)
         issues.add(path, f"expected {describe_type(tp)}, got {_got(value)}")
         return _INVALID
@@ -207,8 +208,19 @@ def _check_type(tp: Any, value: Any, path: tuple, issues: IssueCollector, string
         return _build_section(tp, value, path, issues)
     if _matches_scalar(tp, value):
         return float(value) if tp is float else value
+    text = _env_text(tp, value, path, issues)
+    if text is not None:
+        return text
     issues.add(path, f"expected {describe_type(tp)}, got {_got(value)}")
     return _INVALID
+
+
+def _env_text(tp: Any, value: Any, path: tuple, issues: IssueCollector) -> Optional[str]:
+    """For a str field: the text a number or bool was typed from by ``${name:default}``, else None.
+    (An environment variable cannot be quoted: ``exp_name=2024`` must give the string "2024".)"""
+    if tp is not str or not isinstance(value, (bool, int, float)):
+        return None
+    return issues.text_from_env(path, value)
 
 
 def _is_scalar_type(tp: Any) -> bool:
@@ -308,6 +320,8 @@ def _check_vllm_args(model: ModelConfig, path: tuple, issues: IssueCollector) ->
             continue
         checked = _check_type(hints[key], value, path + (key,), issues)
         if checked is not _INVALID:
+            if isinstance(checked, str) and not isinstance(value, str):
+                model.args_dict[key] = checked  # a str key typed from ${name:default}: keep its text
             _check_rules(VLLMArgs, key, checked, path + (key,), issues, written=value)
 
 

@@ -61,6 +61,12 @@ def split_batch(batch: Mapping[str, Any]) -> list[Sample]:
     return [{key: value[i] for key, value in batch.items()} for i in range(size)]
 
 
+def concat_padded(tensors: Sequence[torch.Tensor], pad_value: Any = DEFAULT_PAD_VALUE) -> torch.Tensor:
+    """Concatenate ``[n_i, s_i]`` tensors along dim 0, RIGHT-padding each to the longest ``s_i``."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad_value) for t in tensors])
+
+
 def collate(samples: Sequence[Mapping[str, Any]], pad_values: Optional[Mapping[str, Any]] = None) -> Batch:
     """Combine samples into one batch; see the module docstring for the padding rule."""
     if not samples:

@@ -11,7 +11,8 @@ sees exactly the prompts an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+import os
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -146,3 +147,35 @@ def filter_min_prompt_length(
         return list(prompts)
     length_fn = length_fn or default_prompt_length
     return [p for p in prompts if length_fn(p) >= min_prompt_length]
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """One JSON object per line (blank lines skipped), e.g. ``runtime.data_path``'s prompts.
+    Errors name the file and line."""
+    import json
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def write_jsonl(path: str, records: Iterable[dict]) -> str:
+    """Write ``records`` one per line, atomically (a reader never sees half a file)."""
+    import json
+
+    from chatlearn.utils.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+    return path

@@ -4,6 +4,7 @@
 
     for episode:
         samples  = environment flow over this episode's prompts   (streamed over replicas)
+        samples  = rollout processor (in the driver: advantages, pairs, filters)
         samples  = relay buffers' choice of training samples
         for epoch, global batch: trainer flow                     (data parallel)
         parameter sync: each trainer -> its inference model
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
 
@@ -65,15 +67,35 @@ class TrainBatch:
         return [[collate(shard[i:i + mb]) for i in range(0, len(shard), mb)] for shard in shards]
 
 
+class RolloutProcessor(Protocol):
+    """Driver-side step between the environment and the trainer (see chatlearn/algorithms).
+
+    ``process`` turns one environment-flow output batch into training data
+    (e.g. KL-shaped rewards and GAE advantages) and returns metrics about it;
+    ``end_episode`` sees the episode's averaged metrics (e.g. to adapt a KL
+    coefficient) and may add some. Its state is saved in checkpoints.
+    """
+
+    def process(self, batch: dict, episode: int) -> tuple[dict, dict[str, float]]: ...
+
+    def end_episode(self, metrics: dict[str, float]) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class Engine:
     """Runs an environment flow, a trainer flow and an optional evaluator."""
 
-    def __init__(self, environment: Environment, trainer: Trainer, evaluator: Optional[Evaluator] = None):
+    def __init__(self, environment: Environment, trainer: Trainer, evaluator: Optional[Evaluator] = None,
+                 rollout_processor: Optional[RolloutProcessor] = None):
         self.config = get_args()
         self.runtime = self.config.runtime
         self.environment = environment
         self.trainer = trainer
         self.evaluator = evaluator
+        self.rollout_processor = rollout_processor
         self.flows: list[BaseFlow] = [f for f in (environment, trainer, evaluator) if f is not None]
         self.models: dict[str, BaseModule] = {}
         for flow in self.flows:
@@ -87,6 +109,7 @@ class Engine:
         self._started_ray = False
         self._metrics: Optional[MetricsWriter] = None
         self.history: list[dict[str, float]] = []
+        self.initial_eval: dict[str, float] = {}  # evaluation before the first episode
         self.start_episode = 0
         self._steps_this_episode = 0
 
@@ -109,6 +132,8 @@ class Engine:
         for model in (trainer, inference):
             if model.name not in self.models:
                 raise FlowError(f"set_parameter_sync: model {model.name!r} is not used by any flow of this engine")
+        # Setting a pair again replaces its synchronizer (the presets register the default one).
+        self.sync_pairs = [p for p in self.sync_pairs if (p[0], p[1]) != (trainer.name, inference.name)]
         self.sync_pairs.append((trainer.name, inference.name, synchronizer or StateDictSynchronizer()))
         return self
 
@@ -141,10 +166,18 @@ class Engine:
             self.models[model.name] = model
         flow.trace()
 
+    def _check_relay(self) -> None:
+        if self.relay_sample_fn is not None and self.runtime.max_relay_episode == 0:
+            logger.warning("a relay_sample_fn is set but runtime.max_relay_episode is 0 (relay off): it is not "
+                           "called; set max_relay_episode to -1 (all episodes) or N (the last N) to use it")
+
     def _setup(self) -> None:
         # Ordering: placement needs Ray; workers need the placement group; setup()
         # needs torch.distributed; resume needs set-up workers; the first sync
         # needs both sides of each pair loaded.
+        if self.runtime.debug:
+            logging.getLogger("chatlearn").setLevel("DEBUG")
+        self._check_relay()
         self._start_ray()
         self._create_models()
         self._setup_data()
@@ -170,6 +203,9 @@ class Engine:
             offset += self.placement.num_slots[pool]
         if not ray.is_initialized():
             kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True)
+            job_env = self._ray_job_runtime_env()
+            if job_env:
+                kwargs["runtime_env"] = job_env
             if self.runtime.ray_address:
                 kwargs["address"] = self.runtime.ray_address
             else:
@@ -182,8 +218,23 @@ class Engine:
             raise RuntimeError(f"Ray could not reserve the {len(bundles)} device slots this config needs "
                                f"({bundles}); the cluster has {ray.cluster_resources()}")
 
+    def _ray_job_runtime_env(self) -> dict[str, Any]:
+        """runtime_env.working_dir / excludes / pip for every worker of the job (a remote
+        cluster needs the code shipped; env_vars go per actor, see _worker_env)."""
+        env = self.config.runtime_env
+        job: dict[str, Any] = {}
+        if env.working_dir:
+            job["working_dir"] = env.working_dir
+            if env.excludes:
+                job["excludes"] = list(env.excludes)
+        if env.pip:
+            job["pip"] = list(env.pip)
+        return job
+
     def _worker_env(self) -> dict[str, str]:
         env = {k: str(v) for k, v in self.config.runtime_env.env_vars.items()}
+        if self.runtime.debug:
+            env.setdefault("CHATLEARN_LOG_LEVEL", "DEBUG")
         # Workers import the user's model classes by module name: give them the
         # driver's import path.
         paths = [p for p in sys.path if p and os.path.isdir(p)]
@@ -252,6 +303,11 @@ class Engine:
             logger.info("all %d episodes are already done (checkpoints in %s): nothing to run; raise "
                         "runtime.num_episode to continue, or use a new output_dir", self.runtime.num_episode,
                         self.checkpoint_root)
+        if self.start_episode == 0 and self._evaluates():
+            # A baseline, so the first logged evaluation after training has something to beat.
+            self.initial_eval = self.evaluate(-1)
+            self._metrics.write(-1, self.initial_eval)
+            logger.info("before training: %s", ", ".join(f"{k}={v:.4g}" for k, v in self.initial_eval.items()))
         bar = tqdm(episodes, desc="episodes", unit="ep", disable=not sys.stderr.isatty())
         for episode in bar:
             metrics = self._run_episode(episode)
@@ -276,12 +332,21 @@ class Engine:
 
         with timer("time/environment"):
             self._phase(active=self._flow_models(self.environment))
-            samples = []
+            samples, rollout_metrics, rollout_sizes = [], [], []
             for batch in self._run_flow(self.environment, self._episode_prompts()):
+                if self.rollout_processor is not None:
+                    batch, batch_metrics = self.rollout_processor.process(batch, episode)
+                    rollout_metrics.append(batch_metrics)
+                    rollout_sizes.append(_batch_size(batch))
+                batch = split_batch(batch)
                 samples += batch
                 if streaming:
                     stream.extend(batch)
                     self._train_steps(stream.ready_batches())
+        metrics["samples/environment"] = len(samples)
+        if self.rollout_processor is not None:
+            metrics.update(mean_metrics(rollout_metrics, rollout_sizes))
+            metrics.update(self.rollout_processor.end_episode(dict(metrics)))
         if self.runtime.stream_data_loader_type == "fixed" and len(samples) != self.runtime.sample_per_episode:
             raise ValueError(f"environment flow {self.environment.fn_name}() produced {len(samples)} samples; "
                              f"runtime.stream_data_loader_type 'fixed' needs exactly "
@@ -292,7 +357,6 @@ class Engine:
             stream.extend(self.relay.select(episode, self.relay_sample_fn,
                                             num_samples=self.runtime.sample_per_episode if fixed else None))
         stream.finish()
-        metrics["samples/environment"] = len(samples)
         metrics["samples/train"] = stream.num_samples
 
         with timer("time/train"):
@@ -304,8 +368,7 @@ class Engine:
             self._sync_parameters(episode, metrics)
 
         self._call_all("after_episode", episode)
-        if self.evaluator is not None and self.runtime.eval_episode_interval and \
-                (episode + 1) % self.runtime.eval_episode_interval == 0:
+        if self._evaluates() and (episode + 1) % self.runtime.eval_episode_interval == 0:
             with timer("time/eval"):
                 metrics.update(self.evaluate(episode))
         for name, d in self.dist.items():
@@ -320,10 +383,10 @@ class Engine:
             prompts = rank_by_length(prompts)
         return prompts
 
-    def _run_flow(self, flow: BaseFlow, samples: list[dict]) -> Iterator[list[dict]]:
+    def _run_flow(self, flow: BaseFlow, samples: list[dict]) -> Iterator[dict]:
         """Push every batch of ``samples`` through ``flow`` at once (stages of different
-        batches overlap on different replicas), then yield each batch's output samples
-        in order as it completes."""
+        batches overlap on different replicas), then yield each output batch in order
+        as it completes."""
         first = self.config.models[flow.graph[0].model]
         batch_size = first.generation_batch_size if first.generation_batch_size > 0 \
             else self.runtime.generation_batch_size
@@ -335,7 +398,7 @@ class Engine:
             outputs.append(out)
         for out in outputs:
             (batch,) = self.tracker.get([out.ref])
-            yield split_batch(batch)
+            yield batch
 
     def _stream(self, episode: int) -> StreamDataset:
         # A custom relay_sample_fn decides how many samples to train on, so its
@@ -383,18 +446,27 @@ class Engine:
             freq = self.config.models[src].sync_frequency
             if freq <= 0 or (episode + 1) % freq != 0:
                 continue
-            self._phase(active={src, dst}, offload_others=False)
-            stats = synchronizer.sync(self.dist[src], self.dist[dst])
-            metrics[f"sync/{src}->{dst}/seconds"] = stats.get("seconds", 0.0)
-            if self.runtime.validate_param_sync:
-                synchronizer.validate(self.dist[src], self.dist[dst])
-            metrics[f"sync/{src}->{dst}/count"] = 1.0
+            self._sync_pair(src, dst, synchronizer, metrics)
+
+    def _sync_pair(self, src: str, dst: str, synchronizer: ParameterSynchronizer, metrics: dict[str, float]) -> None:
+        self._phase(active={src, dst}, offload_others=False)
+        stats = synchronizer.sync(self.dist[src], self.dist[dst])
+        metrics[f"sync/{src}->{dst}/seconds"] = stats.get("seconds", 0.0)
+        # The synchronizer's own numbers (bytes, buckets, export/load seconds, ...).
+        metrics.update({f"sync/{src}->{dst}/{k}": float(v) for k, v in stats.items() if k != "seconds"})
+        if self.runtime.validate_param_sync:
+            synchronizer.validate(self.dist[src], self.dist[dst])
+        metrics[f"sync/{src}->{dst}/count"] = 1.0
+
+    def _evaluates(self) -> bool:
+        return self.evaluator is not None and self.evaluator.prompts is not None and \
+            self.runtime.eval_episode_interval > 0
 
     def evaluate(self, episode: int) -> dict[str, float]:
         if self.evaluator is None or self.evaluator.prompts is None:
             return {}
         self._phase(active=self._flow_models(self.evaluator))
-        results = [s for batch in self._run_flow(self.evaluator, self.eval_samples) for s in batch]
+        results = [s for batch in self._run_flow(self.evaluator, self.eval_samples) for s in split_batch(batch)]
         if self.evaluator.post_process_func is None:
             return {"eval/num_samples": float(len(results))}
         metrics = self.evaluator.post_process_func(results, episode) or {}
@@ -419,6 +491,11 @@ class Engine:
         self.tracker.get([ref for d in self.dist.values() for ref in d.all_ranks(method, *args)])
 
     # -- checkpoints -------------------------------------------------------------
+    def _checkpointed_models(self) -> list[tuple[str, DistModel]]:
+        """Only trainers change during a run: a frozen model reloads its config's weights, and an
+        inference model fed by a trainer is re-synced from it on resume (``_maybe_resume``)."""
+        return [(name, d) for name, d in self.dist.items() if d.trainable]
+
     def save_checkpoint(self, episode: int) -> None:
         """Data state and every model's state, written under a temporary name and
         renamed into place only once all of it is on disk."""
@@ -427,11 +504,12 @@ class Engine:
                 "episode": episode,
                 "prompts": self.prompt_data.state_dict(),
                 "relay": self.relay.state_dict(),
+                "rollout_processor": self.rollout_processor.state_dict() if self.rollout_processor else None,
                 "iterations": {n: dict(d.iterations) for n, d in self.dist.items()},
                 "history": self.history,
             }
             atomic_torch_save(state, os.path.join(tmp, "data_state.pt"))
-            refs = [ref for name, d in self.dist.items()
+            refs = [ref for name, d in self._checkpointed_models()
                     for ref in d.all_ranks("save_checkpoint", os.path.join(tmp, "models", name))]
             self.tracker.get(refs)
         logger.info("saved checkpoint of episode %d under %s", episode + 1, self.checkpoint_root)
@@ -446,12 +524,19 @@ class Engine:
         state = torch.load(os.path.join(path, "data_state.pt"), map_location="cpu", weights_only=False)
         self.prompt_data.load_state_dict(state["prompts"])
         self.relay.load_state_dict(state["relay"])
+        if self.rollout_processor is not None and state.get("rollout_processor") is not None:
+            self.rollout_processor.load_state_dict(state["rollout_processor"])
         for name, d in self.dist.items():
             d.iterations.update(state["iterations"].get(name, {}))
         self.history = list(state["history"])
-        self.tracker.get([ref for name, d in self.dist.items()
+        self.tracker.get([ref for name, d in self._checkpointed_models()
                           for ref in d.all_ranks("load_checkpoint", os.path.join(path, "models", name))])
         self.start_episode = episode + 1
+        # Inference models whose weights come from a trainer (a vLLM policy keeps
+        # no checkpoint of its own) take the restored trainer weights now, so the
+        # next episode samples from the policy the interrupted run had.
+        for src, dst, synchronizer in self.sync_pairs:
+            self._sync_pair(src, dst, synchronizer, {})
         logger.info("resumed from %s: continuing at episode %d", path, self.start_episode + 1)
 
     # -- teardown ----------------------------------------------------------------
@@ -476,25 +561,9 @@ class Engine:
             self._started_ray = False
 
 
-class RLHFEngine(Engine):
-    """PPO-style RLHF: policy -> reference and value -> reward; train policy and value;
-    sync ppo_policy -> policy and ppo_value -> value after each training step."""
-
-    def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, value: BaseModule,
-                 ppo_policy: BaseModule, ppo_value: BaseModule, evaluator: Optional[Evaluator] = None):
-        def env_flow(batch):
-            policy_out = policy.forward_step(batch)
-            ref_out = reference.forward_step(policy_out)
-            value_out = value.forward_step(policy_out)
-            return reward.forward_step(policy_out, ref_out, value_out)
-
-        def trainer_flow(batch):
-            ppo_policy.train_step(batch)
-            ppo_value.train_step(batch)
-
-        super().__init__(Environment(env_flow), Trainer(trainer_flow), evaluator)
-        self.set_parameter_sync(ppo_policy, policy)
-        self.set_parameter_sync(ppo_value, value)
+def _batch_size(batch: dict) -> int:
+    value = next(iter(batch.values()), [])
+    return int(value.shape[0]) if isinstance(value, torch.Tensor) else len(value)
 
 
 def _as_samples(dataset) -> list[dict]:

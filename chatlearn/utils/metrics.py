@@ -42,13 +42,14 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def mean_metrics(records: list[Optional[dict]]) -> dict[str, float]:
-    """Average each numeric key over the records that have it."""
+def mean_metrics(records: list[Optional[dict]], weights: Optional[list[float]] = None) -> dict[str, float]:
+    """Average each numeric key over the records that have it (weighted by ``weights``, if given)."""
     sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for record in records:
+    counts: dict[str, float] = {}
+    for i, record in enumerate(records):
+        weight = 1.0 if weights is None else float(weights[i])
         for key, value in (record or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                sums[key] = sums.get(key, 0.0) + float(value)
-                counts[key] = counts.get(key, 0) + 1
-    return {k: sums[k] / counts[k] for k in sums}
+                sums[key] = sums.get(key, 0.0) + float(value) * weight
+                counts[key] = counts.get(key, 0.0) + weight
+    return {k: sums[k] / counts[k] for k in sums if counts[k]}

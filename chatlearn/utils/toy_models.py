@@ -4,7 +4,11 @@ They exercise the engine without a language model: the "policy" maps a prompt
 vector through a linear layer plus seeded noise, the trainers take SGD steps
 towards a fixed target, and every role records what it saw so tests can check
 sample counts, order, weight sync and resume. The example toy run
-(``examples/toy/train_toy_rlhf.py``) uses them too.
+(``examples/toy/train_rlhf.py``) uses them too.
+
+Model args (in the model's ``model_config_file``) that inject faults for tests:
+``fail_on_iteration: N`` raises in call N (on every rank, or only on rank
+``fail_on_rank`` when that is set); ``sleep_s`` delays every call.
 
 A prompt is ``{"prompt_id": int, "x": tensor[DIM]}``.
 """
@@ -48,9 +52,12 @@ class _Linear(TorchModule):
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=float(self.model_args.get("lr", 0.1)))
         fail_at = self.model_args.get("fail_on_iteration")
         self._fail_at = None if fail_at is None else int(fail_at)
+        fail_rank = self.model_args.get("fail_on_rank")
+        self._fail_rank = None if fail_rank is None else int(fail_rank)
 
     def _maybe_fail(self, iteration: int) -> None:
-        if self._fail_at is not None and iteration == self._fail_at:
+        if self._fail_at is not None and iteration == self._fail_at and \
+                self._fail_rank in (None, self.worker.rank if self.worker else 0):
             raise RuntimeError(f"toy failure in {self.name} at iteration {iteration}")
         time.sleep(float(self.model_args.get("sleep_s", 0)))
 

@@ -33,8 +33,9 @@ def main() -> None:
     ppo_policy_model = PolicyTrainer("ppo_policy")
     ppo_value_model = ValueTrainer("ppo_value")
 
+    # The toy trainers regress on the prompt vector: no PPO advantages to compute.
     engine = RLHFEngine(policy_model, reference_model, reward_model, value_model,
-                        ppo_policy_model, ppo_value_model)
+                        ppo_policy_model, ppo_value_model, compute_advantages=False)
     engine.set_dataset(make_prompts(256))
     with PeakRSSMonitor() as memory:
         history = engine.learn()

@@ -437,3 +437,36 @@ def save_hf_checkpoint(model: torch.nn.Module, hf_config: Union[dict, Any], out_
                 if os.path.isfile(src):
                     shutil.copy2(src, os.path.join(out_dir, name))
     dist.barrier()
+
+
+_SCORE_ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}
+
+
+def make_score_checkpoint(causal_lm_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
+                          num_labels: int = 1, seed: int = 0, init_std: float = 0.02) -> str:
+    """A reward/value model checkpoint (HF ``*ForSequenceClassification``) from a causal LM:
+    the same backbone, the LM head dropped, a new ``score`` head (normal, ``init_std``)."""
+    from safetensors.torch import save_file
+
+    from chatlearn.models.megatron.model import load_hf_config
+
+    cfg = load_hf_config(causal_lm_dir)
+    arch = hf_arch(cfg)
+    reader = HFCheckpointReader(causal_lm_dir)
+    state = {k: reader.get(k).clone() for k in reader.keys() if k != "lm_head.weight"}
+    gen = torch.Generator().manual_seed(seed)
+    dtype = state["model.embed_tokens.weight"].dtype
+    state["score.weight"] = (init_std * torch.randn(num_labels, arch.hidden_size, generator=gen)).to(dtype)
+    cfg.update(architectures=[_SCORE_ARCHITECTURES[arch.model_type]], tie_word_embeddings=False,
+               id2label={str(i): f"LABEL_{i}" for i in range(num_labels)},
+               label2id={f"LABEL_{i}": i for i in range(num_labels)})
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    for name in _TOKENIZER_AND_EXTRA_FILES:
+        src = os.path.join(os.fspath(causal_lm_dir), name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(out_dir, name))
+    return out_dir

@@ -13,12 +13,16 @@ shard shape and merging is local to each rank:
 The TP collectives mirror the base layer's: the column case all-reduces the
 gradient of ``A x`` (each rank only sees its own output columns); the row
 case all-reduces ``A x`` in the forward (each rank holds part of the input).
+
+For dist_checkpointing the factors are described the same way (the sharded
+one split on the base weight's TP axis), next to the base layer's own tensors
+under ``<layer>.base.``, so a LoRA checkpoint reloads under any TP/PP layout.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,8 @@ DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
 class LoraLinear(torch.nn.Module):
-    def __init__(self, base: torch.nn.Module, rank: int, alpha: float, seed: int):
+    def __init__(self, base: torch.nn.Module, rank: int, alpha: float, seed: int, swiglu: bool = False):
+        """``swiglu``: ``base`` is a gated MLP's linear_fc1, whose TP shard is ``[gate_r; up_r]``."""
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -38,6 +43,7 @@ class LoraLinear(torch.nn.Module):
         self.base = base
         self.scale = alpha / rank
         self.column = isinstance(base, ColumnParallelLinear)
+        self.swiglu = swiglu
         if not self.column and not isinstance(base, RowParallelLinear):
             raise TypeError(f"LoRA needs a Column/RowParallelLinear, got {type(base).__name__}")
         tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -76,6 +82,26 @@ class LoraLinear(torch.nn.Module):
         h = copy_to_tensor_model_parallel_region(h) if self.column else reduce_from_tensor_model_parallel_region(h)
         return out + self.scale * F.linear(h, self.lora_B), bias
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """The base layer's sharded tensors plus the factors, for dist_checkpointing."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.base.sharded_state_dict(f"{prefix}base.", sharded_offsets, metadata)
+        factors = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        tp_axis = {"lora_B": 0} if self.column else {"lora_A": 1}
+        state.update(make_sharded_tensors_for_checkpoint(factors, prefix, tp_axis, sharded_offsets))
+        if self.swiglu:
+            # Megatron's MLP re-cuts fc1's [gate_r; up_r] shards into global gate and
+            # up halves, but only under its own key names; B's rows are laid out
+            # like fc1's, so it needs the same treatment.
+            singleton = (metadata or {}).get("singleton_local_shards", False)
+            for key in (f"{prefix}base.weight", f"{prefix}base.bias", f"{prefix}lora_B"):
+                if key in state:
+                    state[key] = apply_swiglu_sharded_factory(state[key], sharded_offsets, singleton)
+        return state
+
     def merged_weight(self) -> torch.Tensor:
         """This rank's shard of ``W + scale * B @ A`` (the base weight's shape)."""
         return self.base.weight + self.scale * (self.lora_B @ self.lora_A)
@@ -97,6 +123,7 @@ def convert_layer_to_lora(model: torch.nn.Module, rank: int = 8, alpha: float = 
             parent = layer.get_submodule(parent_name) if parent_name else layer
             global_name = f"layers.{layer.layer_number - 1}.{name}"
             layer_seed = seed + int(hashlib.sha256(global_name.encode()).hexdigest()[:8], 16)
-            setattr(parent, attr, LoraLinear(module, rank, alpha, layer_seed))
+            swiglu = attr == "linear_fc1" and layer.config.gated_linear_unit
+            setattr(parent, attr, LoraLinear(module, rank, alpha, layer_seed, swiglu=swiglu))
             wrapped.append(global_name)
     return wrapped

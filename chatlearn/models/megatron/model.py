@@ -234,6 +234,14 @@ class ScoreHead(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
         return F.linear(hidden_states, self.weight), None
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """For dist_checkpointing: one global tensor, replicated over TP and DP (no TP axis)."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        # keep_vars: the optimizer's sharded state is matched to the Parameter objects.
+        return make_sharded_tensors_for_checkpoint(self.state_dict(keep_vars=True), prefix, {}, sharded_offsets)
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel under DDP / Float16Module wrappers."""

@@ -20,9 +20,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from chatlearn.algorithms.core import logprobs_from_logits
 from chatlearn.models.base import BaseModule
-from chatlearn.models.megatron import cpu_compat
-from chatlearn.models.megatron.dist_ckpt import load_model_distributed, save_model_distributed
+from chatlearn.models.megatron import cpu_compat, dist_ckpt
 from chatlearn.models.megatron.hf_convert import export_hf_state_dict, load_hf_weights, save_hf_checkpoint
 from chatlearn.models.megatron.lora import convert_layer_to_lora
 from chatlearn.models.megatron.model import build_gpt_model, hf_arch, load_hf_config, transformer_config_from_hf, unwrap
@@ -50,6 +50,10 @@ class MegatronSettings:
     lora_rank: int = 0                 # > 0: train LoRA factors only (lora.py)
     lora_scaling: float = 1.0          # LoRA output scale (alpha / rank)
     lora_targets: tuple = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    # save_checkpoint writes megatron dist_checkpointing (loads under any TP/PP/DP
+    # layout) instead of per-rank files; from_args takes the default from
+    # runtime.adaptive_parallel_strategy_on_checkpoint.
+    adaptive_checkpoint: bool = False
 
     @classmethod
     def from_args(cls, module_args: Any, model_args: dict) -> "MegatronSettings":
@@ -73,6 +77,7 @@ class MegatronSettings:
             if "RowParallelLinear" in kinds:
                 targets += ["linear_proj", "linear_fc2"]
             known.update(lora_rank=lora.lora_dim, lora_scaling=lora.lora_scaling, lora_targets=tuple(targets))
+        known.setdefault("adaptive_checkpoint", _runtime_adaptive_checkpoint())
         return cls(**known, tp=module_args.tensor_model_parallel_size,
                    pp=module_args.pipeline_model_parallel_size, trainable=module_args.trainable)
 
@@ -154,27 +159,30 @@ class MegatronModule(BaseModule):
         return bool(hf_arch(self.hf_config).num_labels)
 
     def forward_step(self, data: dict, iteration: int) -> dict:
-        """On the last stage: ``{"logprobs": [b, s-1]}`` for a causal LM, where
-        logprobs[:, t] is log p(token t+1); ``{"values": [b, s]}`` for a
-        reward/value model (one label; [b, s, n] with n labels). ``{}`` on
-        other stages. ``data["input_ids"]`` is [b, s], right-padded.
+        """On the last stage: ``{"logprobs": [b, s]}`` for a causal LM, aligned with
+        ``input_ids`` (position t holds log p(token t | tokens < t), position 0 holds 0);
+        ``{"values": [b, s]}`` for a reward/value model, the head's output at each
+        position (one label; [b, s, n] with n labels). ``{}`` on other stages.
+        ``data["input_ids"]`` is [b, s], right-padded.
         """
         micro_batches = self._micro_batches(data)
+        width = data["input_ids"].shape[1]
         if self.is_score_model:
             scores = forward_logits(self.model, micro_batches)
             if scores is None:
                 return {}
-            scores = scores[:, : data["input_ids"].shape[1]]
+            scores = scores[:, :width]
             return {"values": scores[..., 0] if scores.shape[-1] == 1 else scores}
         logprobs = forward_logprobs(self.model, micro_batches)
-        return {"logprobs": logprobs} if logprobs is not None else {}
+        return {"logprobs": logprobs[:, :width]} if logprobs is not None else {}
 
     # -- training -----------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch from its logits [b, s, V] (last stage only).
 
-        Default: next-token cross entropy over ``loss_mask`` (default: all
-        real tokens); reward/value models must override. Override for
+        Default: next-token cross entropy over ``loss_mask`` (aligned with
+        ``input_ids``; default: every real token after the first); reward/value
+        models must override. Override for
         PPO/DPO/value losses. Return
         ``(scalar loss, metrics)``; megatron divides the loss by the number of
         micro-batches and DDP averages gradients over data-parallel ranks.
@@ -182,12 +190,13 @@ class MegatronModule(BaseModule):
         if self.is_score_model:
             raise NotImplementedError(f"{type(self).__name__}: a reward/value model needs its own loss_fn")
         input_ids = micro_batch["input_ids"].to(logits.device)
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        logp = logprobs_from_logits(logits, input_ids)
         mask = micro_batch.get("loss_mask")
         if mask is None:
             lens = micro_batch["seq_lens"].to(logits.device)
-            mask = torch.arange(input_ids.shape[1], device=logits.device)[None] < lens[:, None]
-        mask = mask[:, 1:].to(logp.dtype) if mask.shape[1] == input_ids.shape[1] else mask.to(logp.dtype)
+            positions = torch.arange(input_ids.shape[1], device=logits.device)[None]
+            mask = (positions < lens[:, None]) & (positions > 0)
+        mask = mask.to(device=logits.device, dtype=logp.dtype)
         loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
         return loss, {"loss": loss.detach()}
 
@@ -236,8 +245,27 @@ class MegatronModule(BaseModule):
                                   f"_pp{ps.get_pipeline_model_parallel_rank():02d}"
                                   f"_dp{ps.get_data_parallel_rank():03d}.pt")
 
+    def _checkpoint_info(self, fmt: str, weights_only: bool = False) -> dict:
+        """This model as :mod:`dist_ckpt` describes a checkpoint of it (optimizer: when trainable)."""
+        s = self.settings
+        with_optimizer = self.optimizer is not None and not weights_only
+        return dist_ckpt.describe_checkpoint(
+            self.hf_config, fmt, lora_rank=s.lora_rank, lora_targets=s.lora_targets,
+            optimizer=s.optimizer if with_optimizer else None,
+            distributed_optimizer=s.use_distributed_optimizer)
+
     def save_checkpoint(self, path: str) -> None:
-        """Per-rank shard of model (and optimizer) state; reload needs the same TP/PP layout."""
+        """Model, optimizer and RNG state under ``path`` (collective; returns when all ranks wrote).
+
+        With ``settings.adaptive_checkpoint`` (runtime
+        ``adaptive_parallel_strategy_on_checkpoint``) a megatron
+        dist_checkpointing checkpoint that loads under any TP/PP/DP layout;
+        otherwise one file per rank that loads only under this layout.
+        """
+        if self.settings.adaptive_checkpoint:
+            dist_ckpt.save_distributed(self.model, self.optimizer, path,
+                                       self._checkpoint_info(dist_ckpt.FORMAT_DIST))
+            return
         from chatlearn.utils.atomic import atomic_torch_save
 
         os.makedirs(path, exist_ok=True)
@@ -252,6 +280,7 @@ class MegatronModule(BaseModule):
                     self.optimizer.save_parameter_state(self._param_state_file(path))
                     state["adam_step"] = _inner_steps(self.optimizer)
         atomic_torch_save(state, self._rank_file(path))
+        dist_ckpt.write_checkpoint_info(path, self._checkpoint_info(dist_ckpt.FORMAT_PER_RANK))
         dist.barrier()
 
     def _param_state_file(self, path: str) -> str:
@@ -262,13 +291,31 @@ class MegatronModule(BaseModule):
                                   f"_pp{ps.get_pipeline_model_parallel_rank():02d}.pt")
 
     def load_checkpoint(self, path: str) -> None:
+        """Load what :meth:`save_checkpoint` wrote, in either format (told by the checkpoint itself).
+
+        Every rank checks the checkpoint's metadata first, so another
+        architecture, LoRA setup or optimizer, or a per-rank checkpoint under a
+        different layout, fails with a ValueError naming ``path`` before
+        anything is loaded; a missing ``path`` raises FileNotFoundError.
+        """
+        saved = dist_ckpt.read_checkpoint_info(path)
+        if saved is not None:
+            current = self._checkpoint_info(saved["format"])
+            dist_ckpt.check_checkpoint(path, saved, current)
+            if saved["format"] == dist_ckpt.FORMAT_DIST:
+                dist_ckpt.load_distributed(self.model, self.optimizer, path, saved, current)
+                return
         file = self._rank_file(path)
         if not os.path.exists(file):
-            raise FileNotFoundError(f"model {self.name!r}: no checkpoint shard at {file}")
+            raise FileNotFoundError(f"model {self.name!r}: no checkpoint shard at {file} (a per-rank checkpoint "
+                                    f"loads only under the layout it was saved with; see "
+                                    f"runtime.{dist_ckpt.FLAG_NAME})")
         state = torch.load(file, map_location="cpu", weights_only=False)
         if (state["tp"], state["pp"]) != (self.settings.tp, self.settings.pp):
             raise ValueError(f"{file} was saved with tp={state['tp']} pp={state['pp']}, "
-                             f"this model runs tp={self.settings.tp} pp={self.settings.pp}")
+                             f"this model runs tp={self.settings.tp} pp={self.settings.pp}; a per-rank "
+                             f"checkpoint loads only under its own layout (save with "
+                             f"runtime.{dist_ckpt.FLAG_NAME}: true for one that loads under any)")
         unwrap(self.model).load_state_dict(state["model"])
         if self.optimizer is not None and "optimizer" in state:
             with cpu_compat.cpu_device_mode():
@@ -281,11 +328,22 @@ class MegatronModule(BaseModule):
         torch.set_rng_state(state["rng"])
 
     def save_distributed_checkpoint(self, path: str) -> None:
-        """Model weights via megatron dist_checkpointing: reloadable under any TP/PP layout."""
-        save_model_distributed(self.model, path)
+        """Model weights only, via megatron dist_checkpointing: reloadable under any TP/PP layout."""
+        info = self._checkpoint_info(dist_ckpt.FORMAT_DIST, weights_only=True)
+        dist_ckpt.save_distributed(self.model, None, path, info)
 
     def load_distributed_checkpoint(self, path: str) -> None:
-        load_model_distributed(self.model, path)
+        """Model weights of a dist_checkpointing checkpoint (either kind), under any layout.
+
+        The optimizer and RNG state stay as they are.
+        """
+        saved = dist_ckpt.read_checkpoint_info(path)
+        if saved is None or saved["format"] != dist_ckpt.FORMAT_DIST:
+            raise ValueError(f"{path} is not a dist_checkpointing checkpoint (format: "
+                             f"{saved['format'] if saved else 'per-rank files'})")
+        current = self._checkpoint_info(dist_ckpt.FORMAT_DIST, weights_only=True)
+        dist_ckpt.check_checkpoint(path, saved, current)
+        dist_ckpt.load_distributed(self.model, None, path, saved, current, restore_rng=False)
 
     @property
     def device(self) -> torch.device:
@@ -317,3 +375,10 @@ def _load_parameter_state_keeping_step(optimizer, filename: str, step: Optional[
     if step is not None:
         for st in _inner_states(optimizer):
             st["step"] = step.clone()
+
+
+def _runtime_adaptive_checkpoint() -> bool:
+    """``runtime.adaptive_parallel_strategy_on_checkpoint`` when chatlearn.init() ran, else False."""
+    from chatlearn.config.globals import get_args, is_initialized
+
+    return is_initialized() and bool(get_args().runtime.adaptive_parallel_strategy_on_checkpoint)

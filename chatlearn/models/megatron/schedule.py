@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from chatlearn.algorithms.core import logprobs_from_logits
 from chatlearn.models.megatron import cpu_compat
 from chatlearn.utils import platform
 
@@ -43,12 +44,6 @@ def pad_micro_batches(micro_batches: list[dict], pad_id: int = 0) -> list[dict]:
                     new[key] = torch.nn.functional.pad(value, (0, length - s), value=fill)
         out.append(new)
     return out
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(input_ids[:, t+1] | prefix) for t < s-1: shape [b, s-1], fp32."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
 def _model_inputs(mb: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,11 +112,12 @@ def run_micro_batches(
 
 
 def forward_logprobs(model: torch.nn.Module, micro_batches: list[dict]) -> Optional[torch.Tensor]:
-    """Token log-probs [sum b, s-1] of all micro-batches on the last stage; None elsewhere."""
+    """Token log-probs [sum b, s] of all micro-batches on the last stage (None elsewhere),
+    aligned with ``input_ids``: position t holds log p(token t | tokens < t), position 0 holds 0."""
     model.eval()
     with torch.no_grad():
         outs = run_micro_batches(model, micro_batches,
-                                 lambda logits, mb: token_logprobs(logits, mb["input_ids"].to(logits.device)),
+                                 lambda logits, mb: logprobs_from_logits(logits, mb["input_ids"].to(logits.device)),
                                  forward_only=True)
     return torch.cat([o.cpu() for o in outs], 0) if outs else None
 

@@ -1,0 +1,95 @@
+"""Online DPO (Rafailov et al. 2023, sampled on-policy): pairs ranked by a reward, DPO loss.
+
+Each prompt gets two responses; the one with the higher score is *chosen*.
+With sequence log-likelihoods ``pi`` (policy) and ``ref`` (reference):
+
+    margin = beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))
+    loss   = -log sigmoid(margin)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    # Pairs whose scores differ by no more than this carry no preference and are dropped.
+    min_score_gap: float = 0.0
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "DPOConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in args.items() if k in names})
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean DPO loss over pairs, with ``dpo/accuracy`` (margin > 0) and ``dpo/margin``."""
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    loss = -F.logsigmoid(margin).mean()
+    with torch.no_grad():
+        metrics = {"dpo/accuracy": (margin > 0).float().mean(), "dpo/margin": margin.mean()}
+    return loss, metrics
+
+
+def rank_pair(scores: tuple[float, float], min_gap: float = 0.0) -> tuple[int, int] | None:
+    """``(chosen, rejected)`` indices of a pair of scores, or None when they are too close."""
+    a, b = scores
+    if abs(a - b) <= min_gap:
+        return None
+    return (0, 1) if a > b else (1, 0)
+
+
+# Per-response keys that a DPO training sample carries twice, as chosen_<key> and rejected_<key>.
+PAIRED_KEYS = ("input_ids", "loss_mask", "ref_logprobs")
+
+
+class DPOPairs:
+    """The driver's online-DPO step (an ``Engine`` rollout processor): pair and rank responses.
+
+    The batch holds two consecutive responses per prompt (the policy's
+    ``n: 2``) with ``scores``; each pair with a clear winner becomes one
+    training sample with ``chosen_*`` and ``rejected_*`` versions of
+    ``input_ids``, ``loss_mask`` and ``ref_logprobs``.
+    """
+
+    def __init__(self, cfg: DPOConfig):
+        self.cfg = cfg
+
+    def process(self, batch: dict, episode: int) -> tuple[dict, dict[str, float]]:
+        for key in ("scores", *PAIRED_KEYS):
+            if key not in batch:
+                raise KeyError(f"online DPO needs rollout key {key!r} from the environment flow "
+                               f"(it has {sorted(batch)})")
+        scores = batch["scores"].float()
+        if scores.numel() % 2:
+            raise ValueError(f"online DPO needs 2 responses per prompt (n: 2); got a batch of {scores.numel()}")
+        chosen, rejected = [], []
+        for first in range(0, scores.numel(), 2):
+            ranked = rank_pair((float(scores[first]), float(scores[first + 1])), self.cfg.min_score_gap)
+            if ranked is not None:
+                chosen.append(first + ranked[0])
+                rejected.append(first + ranked[1])
+        out = {f"chosen_{k}": batch[k][chosen] for k in PAIRED_KEYS}
+        out.update({f"rejected_{k}": batch[k][rejected] for k in PAIRED_KEYS})
+        pairs = scores.numel() // 2
+        metrics = {
+            "reward/mean": float(scores.mean()),
+            "pairs/kept_fraction": len(chosen) / pairs,
+            "pairs/score_gap": float((scores[chosen] - scores[rejected]).mean()) if chosen else 0.0,
+        }
+        return out, metrics
+
+    def end_episode(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,111 @@
+"""GRPO (Shao et al. 2024): group-normalised advantages, no value model, KL loss to the reference.
+
+For each prompt, ``n`` responses are sampled and scored; a response's
+advantage is its score's z-score inside its group, given to every one of its
+tokens. The policy loss is PPO's clipped surrogate plus ``kl_coef`` times the
+k3 estimate of KL(policy || reference):
+
+    A_i        = (score_i - mean(group)) / (std(group) + eps)
+    kl[t]      = exp(ref[t] - logp[t]) - (ref[t] - logp[t]) - 1
+    loss       = mean(max(-A * ratio, -A * clip(ratio))) + kl_coef * mean(kl)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+
+from chatlearn.algorithms.core import masked_mean
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO settings, read from the policy trainer's model args."""
+
+    kl_coef: float = 0.04
+    clip_eps: float = 0.2
+    std_normalize: bool = True
+    # > 0: train only on the top_k highest-scoring responses of each group
+    # (advantages still come from the whole group).
+    select_top_k: int = 0
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "GRPOConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in args.items() if k in names})
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, std_normalize: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Per-response advantages from scores laid out group after group (``[g * group_size]``)."""
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    grouped = scores.float().view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if std_normalize and group_size > 1:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def top_k_in_groups(scores: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best responses of each group (ties: the earlier one), group order kept."""
+    grouped = scores.view(-1, group_size)
+    best = torch.topk(grouped, k=min(k, group_size), dim=1, sorted=False).indices.sort(dim=1).values
+    offsets = torch.arange(grouped.shape[0], device=scores.device).unsqueeze(1) * group_size
+    return (best + offsets).reshape(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token unbiased, non-negative estimate of KL(policy || reference)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return masked_mean(k3_kl(logprobs, ref_logprobs), mask)
+
+
+class GRPORollouts:
+    """The driver's GRPO step on each rollout batch (an ``Engine`` rollout processor).
+
+    The batch holds ``group_size`` consecutive responses per prompt (vLLM's
+    ``n``); needs ``scores`` [b] and ``loss_mask``; adds ``advantages`` [b, s]
+    (the response's group z-score on each of its tokens). With ``select_top_k`` only
+    the best ``select_top_k`` responses of each group are kept for training.
+    """
+
+    def __init__(self, cfg: GRPOConfig, group_size: int):
+        if group_size < 2:
+            raise ValueError(f"GRPO needs n >= 2 responses per prompt (the policy's `n`), got {group_size}")
+        self.cfg, self.group_size = cfg, group_size
+
+    def process(self, batch: dict, episode: int) -> tuple[dict, dict[str, float]]:
+        for key in ("scores", "loss_mask"):
+            if key not in batch:
+                raise KeyError(f"GRPO needs rollout key {key!r} from the environment flow (it has {sorted(batch)})")
+        scores = batch["scores"].float()
+        advantages = group_advantages(scores, self.group_size, self.cfg.std_normalize)
+        mask = batch["loss_mask"].float()
+        grouped = scores.view(-1, self.group_size)
+        metrics = {
+            "reward/mean": float(scores.mean()),
+            "reward/group_std": float(grouped.std(dim=1).mean()),
+            # Groups whose responses all scored the same teach nothing (zero advantage).
+            "groups/solved_none_or_all": float((grouped.std(dim=1) == 0).float().mean()),
+            "response_length/mean": float(mask.sum(-1).mean()),
+        }
+        out = {**batch, "advantages": advantages[:, None] * mask}
+        if self.cfg.select_top_k:
+            keep = top_k_in_groups(scores, self.group_size, self.cfg.select_top_k).tolist()
+            out = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in out.items()}
+        return out, metrics
+
+    def end_episode(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,61 @@
+"""Start a torch.distributed world outside the Ray engine: entry scripts (SFT, reward
+model fitting) and tests that need a few Megatron ranks in plain processes."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, threads_per_rank: int = 1) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` new processes that form one
+    torch.distributed world (gloo on CPU, NCCL on GPU); a rank's exception is raised here."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_entry, args=(fn, nprocs, free_port(), threads_per_rank, args), nprocs=nprocs, join=True)
+
+
+def init_single_process(threads: int = 0) -> None:
+    """A world of one rank in this process (what ``MegatronModule.setup`` needs)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if threads:
+        torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    from chatlearn.utils import platform
+
+    dist.init_process_group(platform.dist_backend(), rank=0, world_size=1)
+
+
+def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, threads: int, args: tuple) -> None:
+    import warnings
+
+    import torch.distributed as dist
+
+    from chatlearn.utils import platform
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)  # several ranks share a few cores
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    if platform.has_gpu():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(platform.dist_backend(), rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        from chatlearn.models.megatron.parallel import destroy_parallel_state
+
+        destroy_parallel_state()
+        dist.destroy_process_group()

@@ -1,0 +1,202 @@
+"""The embedded default: a real RLHF run on 2 CPU cores that visibly improves a model.
+
+    python examples/megatron/main_tiny.py                 # PPO (RLHFEngine), about 10 minutes
+    python examples/megatron/main_tiny.py --algo grpo     # GRPO on the rule reward
+    python examples/megatron/main_tiny.py --algo online_dpo
+
+Steps (each reuses its output when it exists, so a rerun resumes):
+  1. build a tiny Llama-style model and a sentencepiece tokenizer locally (random init, no downloads);
+  2. write the task: arithmetic prompts with known answers, split into training and held-out prompts;
+  3. SFT warm start on Megatron (examples/megatron/train_sft.py);
+  4. fit a reward model on (right answer, wrong answer) pairs (train_reward.py; PPO only);
+  5. RL through the engine (train_rlhf.py / train_grpo.py / train_online_dpo.py with
+     configs/tiny/): vLLM sampling, Megatron training, Ray, parameter sync every episode;
+  6. print held-out reward and accuracy from before training to the end, and plot them (PNG).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from arithmetic import make_arithmetic_examples, preference_records, sft_records  # noqa: E402
+
+from chatlearn.data.prompts import read_jsonl, write_jsonl  # noqa: E402
+from chatlearn.utils.memory import PeakRSSMonitor  # noqa: E402
+from chatlearn.utils.metrics import read_metrics  # noqa: E402
+
+ALGORITHMS = {
+    "ppo": ("train_rlhf.py", "rlhf.yaml"),
+    "grpo": ("train_grpo.py", "grpo.yaml"),
+    "online_dpo": ("train_online_dpo.py", "online_dpo.yaml"),
+}
+
+
+def _log(message: str) -> None:
+    print(f"[main] {message}", flush=True)
+
+
+def _run(cmd: list[str], env: dict | None = None) -> None:
+    _log(" ".join(os.path.relpath(c) if os.path.isabs(c) and c.startswith(os.getcwd()) else c for c in cmd))
+    subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
+
+
+def _setup_task(out: str, args: argparse.Namespace) -> dict[str, str]:
+    """Every distinct prompt, split into held-out prompts (never trained on) and training prompts."""
+    paths = {name: os.path.join(out, "data", f"{name}.jsonl") for name in ("sft", "pairs", "rl", "heldout")}
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
+    unique = {ex["prompt"]: ex for ex in make_arithmetic_examples(20 * (args.max_operand + 1) ** 2, seed=args.seed,
+                                                                  max_operand=args.max_operand)}
+    examples = sorted(unique.values(), key=lambda ex: ex["prompt"])
+    random.Random(args.seed).shuffle(examples)
+    heldout, train = examples[:args.heldout], examples[args.heldout:]
+    write_jsonl(paths["heldout"], heldout)
+    write_jsonl(paths["sft"], sft_records(train))
+    write_jsonl(paths["pairs"], preference_records(train * 4, seed=args.seed + 1))
+    write_jsonl(paths["rl"], train)
+    _log(f"task: {len(train)} training prompts, {len(heldout)} held-out prompts under {out}/data")
+    return paths
+
+
+def _setup_models(out: str, paths: dict[str, str], args: argparse.Namespace) -> dict[str, str]:
+    from chatlearn.utils.tiny_assets import ensure_tiny_assets
+
+    assets = ensure_tiny_assets(os.path.join(out, "assets"), seed=args.seed, arch="llama")
+    _log(f"tiny model and tokenizer: {assets.model_dir}")
+    sft = os.path.join(out, "sft")
+    if not os.path.exists(os.path.join(sft, "model.safetensors")):
+        _run([sys.executable, os.path.join(HERE, "train_sft.py"), "--load", str(assets.model_dir),
+              "--data", paths["sft"], "--save", sft, "--epochs", str(args.sft_epochs), "--lr", "3e-3",
+              "--seed", str(args.seed)])
+    models = {"policy_load": sft}
+    if args.algo == "ppo":
+        reward = os.path.join(out, "reward_model")
+        if not os.path.exists(os.path.join(reward, "model.safetensors")):
+            _run([sys.executable, os.path.join(HERE, "train_reward.py"), "--load", sft, "--data", paths["pairs"],
+                  "--save", reward, "--epochs", str(args.reward_epochs), "--seed", str(args.seed)])
+        models["reward_load"] = reward
+    return models
+
+
+def _plot(metrics: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [m for m in metrics if "eval/reward/mean" in m]
+    train = [m for m in metrics if "reward/mean" in m and m["episode"] >= 0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = [m["episode"] + 1 for m in evals]
+    axes[0].plot(x, [m["eval/reward/mean"] for m in evals], marker="o", label="held-out reward")
+    axes[0].plot([m["episode"] + 1 for m in train], [m["reward/mean"] for m in train], alpha=0.5,
+                 label="training reward (sampled)")
+    axes[0].set_xlabel("episode (0 = before RL)")
+    axes[0].legend()
+    if evals and "eval/reward/fn" in evals[0]:
+        axes[1].plot(x, [m["eval/reward/fn"] for m in evals], marker="o", color="C2")
+        axes[1].set_ylabel("held-out accuracy (greedy)")
+    axes[1].set_xlabel("episode (0 = before RL)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def greedy_accuracy(model_dir: str, examples: list[dict]) -> float:
+    """Exact answers under greedy decoding with transformers (a check independent of the engine)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from arithmetic import arithmetic_reward
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    correct = 0.0
+    for ex in examples:
+        ids = torch.tensor([tokenizer(ex["prompt"]).input_ids])
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        correct += arithmetic_reward({"response_text": text, "answer": ex["answer"]})
+    return correct / len(examples)
+
+
+def _report(run_dir: str, algo: str, elapsed: float, peak_gib: float, config: str, start_model: str,
+            heldout: list[dict]) -> dict:
+    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    evals = {m["episode"]: m for m in metrics if "eval/reward/mean" in m}
+    print(f"\nheld-out prompts ({algo}): reward and accuracy of 8 sampled responses per prompt (temperature 1)")
+    print(f"{'episode':>8}  {'reward':>8}  {'accuracy':>8}  {'length':>6}")
+    for episode, m in sorted(evals.items()):
+        label = "start" if episode < 0 else str(episode + 1)
+        print(f"{label:>8}  {m['eval/reward/mean']:>8.3f}  {m.get('eval/reward/fn', float('nan')):>8.3f}"
+              f"  {m['eval/response_length/mean']:>6.2f}")
+    first, last = evals[min(evals)], evals[max(evals)]
+    final_model = os.path.join(run_dir, "hf_ppo_policy")
+    greedy = (greedy_accuracy(start_model, heldout), greedy_accuracy(final_model, heldout))
+    plot = os.path.join(run_dir, "curves.png")
+    _plot(metrics, plot, f"tiny {algo}: held-out reward and accuracy")
+    summary = {
+        "algorithm": algo,
+        "episodes": max(m["episode"] for m in metrics) + 1,
+        "heldout_reward_start": first["eval/reward/mean"], "heldout_reward_end": last["eval/reward/mean"],
+        "heldout_accuracy_start": first.get("eval/reward/fn"), "heldout_accuracy_end": last.get("eval/reward/fn"),
+        "heldout_greedy_accuracy_start": greedy[0], "heldout_greedy_accuracy_end": greedy[1],
+        "minutes": elapsed / 60, "peak_rss_gib": peak_gib,
+    }
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"\nheld-out reward {first['eval/reward/mean']:.3f} -> {last['eval/reward/mean']:.3f}, accuracy "
+          f"{first.get('eval/reward/fn', float('nan')):.3f} -> {last.get('eval/reward/fn', float('nan')):.3f} "
+          f"(sampled), greedy accuracy {greedy[0]:.3f} -> {greedy[1]:.3f}, over {summary['episodes']} episodes; "
+          f"{elapsed / 60:.1f} min in all")
+    print(f"metrics:      {run_dir}/metrics.jsonl (TensorBoard: {run_dir}/tensorboard)")
+    print(f"plot:         {plot}")
+    print(f"checkpoints:  {run_dir}/checkpoints (rerun the same command to resume from the last one)")
+    print(f"final policy: {final_model} (Hugging Face format: transformers and vLLM load it)")
+    print(f"config:       {config}")
+    print(f"peak RSS:     {peak_gib:.2f} GiB (this process and all below it: Ray, vLLM, Megatron workers)")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--algo", choices=sorted(ALGORITHMS), default="ppo")
+    parser.add_argument("--output-dir", default="output/tiny")
+    parser.add_argument("--episodes", type=int, default=None, help="RL episodes (default: the config's)")
+    parser.add_argument("--max-operand", type=int, default=9, help="operands of the arithmetic task: 0..N")
+    parser.add_argument("--heldout", type=int, default=24, help="prompts kept out of every training step")
+    parser.add_argument("--sft-epochs", type=int, default=60,
+                        help="a short warm start: the policy should know the format, not every answer")
+    parser.add_argument("--reward-epochs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    out = os.path.abspath(args.output_dir)
+    start = time.time()
+    with PeakRSSMonitor() as memory:
+        paths = _setup_task(out, args)
+        knobs = _setup_models(out, paths, args)
+        script, config_name = ALGORITHMS[args.algo]
+        config = os.path.join(HERE, "configs", "tiny", config_name)
+        env = {**knobs, "data_path": paths["rl"], "eval_data_path": paths["heldout"], "output_dir": out,
+               "exp_name": args.algo}
+        if args.episodes is not None:
+            env["num_episode"] = str(args.episodes)
+        _run([sys.executable, os.path.join(HERE, script), "-c", config], env=env)
+    return _report(os.path.join(out, args.algo), args.algo, time.time() - start, memory.peak_gib, config,
+                   knobs["policy_load"], read_jsonl(paths["heldout"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The critic: a scalar head on the policy's backbone, for inference and for training."""
+from __future__ import annotations
+
+import torch
+
+from chatlearn.algorithms.core import shift_to_token_positions
+from chatlearn.algorithms.ppo import PPOConfig, explained_variance, value_loss
+from chatlearn.models.megatron import MegatronModule
+
+
+class ValueInference(MegatronModule):
+    """``old_values`` [b, s]: at response token t, the value of the state before t
+    (the head's output at position t - 1); zero outside the response."""
+
+    def forward_step(self, data: dict, iteration: int) -> dict:
+        out = super().forward_step({"input_ids": data["input_ids"]}, iteration)
+        if not out:
+            return {}
+        return {"old_values": shift_to_token_positions(out["values"]) * data["loss_mask"]}
+
+
+class ValueTrainer(MegatronModule):
+    """Clipped value regression on the PPO ``returns`` (chatlearn.algorithms.ppo.value_loss)."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.ppo = PPOConfig.from_args(self.model_args)
+
+    def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
+        device = logits.device
+        mask = micro_batch["loss_mask"].to(device).float()
+        values = shift_to_token_positions(logits[..., 0].float())
+        returns = micro_batch["returns"].to(device)
+        loss, metrics = value_loss(values, micro_batch["old_values"].to(device), returns, mask,
+                                   self.ppo.value_clip_eps)
+        metrics.update({"loss/value": loss.detach(),
+                        "value/explained_variance": explained_variance(values.detach(), returns, mask)})
+        return loss, metrics

@@ -1,0 +1,60 @@
+"""Training a Megatron module outside the RL engine (SFT, reward-model fitting).
+
+``launch`` starts ``nproc`` ranks (TP x PP x DP) in plain processes;
+``fit`` runs epochs of shuffled global batches, each rank taking its
+data-parallel share as micro-batches, and returns the logged metrics.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from typing import Any, Callable, Optional
+
+from chatlearn.data.batching import collate
+from chatlearn.utils.launch import init_single_process, spawn
+
+
+def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
+    """``fn(rank, world, *args)`` on ``nproc`` ranks; in this process when ``nproc`` is 1."""
+    if nproc == 1:
+        init_single_process()
+        fn(0, 1, *args)
+    else:
+        spawn(fn, nproc, *args)
+
+
+def fit(module, samples: list[dict], *, epochs: int, global_batch_size: int, micro_batch_size: int,
+        seed: int = 0, log: Optional[Callable[[int, dict], None]] = None, desc: str = "train") -> list[dict]:
+    """Train ``module`` (a set-up, trainable MegatronModule) on ``samples`` (dicts of 1-D tensors)."""
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if global_batch_size % (dp * micro_batch_size):
+        raise ValueError(f"global batch {global_batch_size} is not a multiple of dp {dp} x micro batch "
+                         f"{micro_batch_size}")
+    steps_per_epoch = len(samples) // global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(samples)} samples do not make one global batch of {global_batch_size}")
+    history = []
+    show = ps.is_pipeline_last_stage() and dp_rank == 0 and ps.get_tensor_model_parallel_rank() == 0
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not (show and sys.stderr.isatty()))
+    step = 0
+    for epoch in range(epochs):
+        order = list(range(len(samples)))
+        random.Random(seed + epoch).shuffle(order)
+        for start in range(0, steps_per_epoch * global_batch_size, global_batch_size):
+            batch = [samples[i] for i in order[start:start + global_batch_size]]
+            share = global_batch_size // dp
+            mine = batch[dp_rank * share:(dp_rank + 1) * share]
+            micro = [collate(mine[i:i + micro_batch_size]) for i in range(0, share, micro_batch_size)]
+            metrics = module.train_step(micro, step)
+            step += 1
+            bar.update(1)
+            if metrics is not None:
+                history.append(metrics)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "accuracy")})
+                if log is not None:
+                    log(step, metrics)
+    bar.close()
+    return history

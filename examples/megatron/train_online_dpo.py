@@ -1,0 +1,39 @@
+"""Online DPO with megatron-core training and vLLM sampling: on-policy pairs ranked by the reward.
+
+    python examples/megatron/train_online_dpo.py -c examples/megatron/configs/tiny/online_dpo.yaml
+
+Supports: OnlineDPOEngine (vLLM policy with ``n: 2``, Megatron reference,
+rule and/or model reward, Megatron DPO trainer with ``beta``), TP/PP/DP,
+LoRA, evaluation, checkpoints and resume, as train_rlhf.py.
+``runtime.stream_data_loader_type`` must be ``dynamic``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import chatlearn  # noqa: E402
+from chatlearn import OnlineDPOEngine  # noqa: E402
+from chatlearn.data.prompts import read_jsonl  # noqa: E402
+from models import DPOTrainer, PolicyInference, PolicyReference, RewardInference  # noqa: E402
+from train_rlhf import build_evaluator  # noqa: E402
+
+
+def main() -> list[dict]:
+    chatlearn.init()
+    args = chatlearn.get_args()
+    policy = PolicyInference("policy")
+    reference = PolicyReference("reference")
+    reward = RewardInference("reward")
+    trainer = DPOTrainer("ppo_policy")
+
+    evaluator = build_evaluator(policy, reward, args.runtime.eval_data_path)
+    engine = OnlineDPOEngine(policy, reference, reward, trainer, evaluator=evaluator)
+    engine.set_dataset(read_jsonl(args.runtime.data_path))
+    return engine.learn()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""PPO RLHF with megatron-core training and vLLM sampling, as in ChatLearn 1.x.
+
+    python examples/megatron/train_rlhf.py -c examples/megatron/configs/tiny/rlhf.yaml
+    python examples/megatron/train_rlhf.py -c examples/megatron/configs/qwen2/rlhf.yaml   (GPUs)
+
+Supports: the six roles of RLHFEngine (vLLM policy, Megatron reference,
+reward model and/or Python reward, value, PPO policy and value trainers),
+TP/PP/DP per model, colocation, LoRA (``lora:`` in the YAML), parameter sync
+every ``sync_frequency`` episodes, evaluation on ``runtime.eval_data_path``
+every ``eval_episode_interval`` episodes (and once before training),
+checkpoints every ``save_episode_interval`` episodes and resume.
+
+Data: ``runtime.data_path`` (and ``eval_data_path``) are JSON lines with a
+``prompt``; other keys (an ``answer``, say) reach the reward function.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import chatlearn  # noqa: E402
+from chatlearn import Evaluator, RLHFEngine  # noqa: E402
+from chatlearn.data.prompts import read_jsonl  # noqa: E402
+from models import (PolicyInference, PolicyReference, PolicyTrainer, RewardInference, ValueInference,  # noqa: E402
+                    ValueTrainer)
+
+
+def reward_metrics(results: list[dict], episode: int) -> dict[str, float]:
+    """Evaluation metrics from the reward stage's outputs: the mean score and each source's."""
+    metrics = {"reward/mean": sum(float(r["scores"]) for r in results) / len(results)}
+    for key, name in (("model_scores", "reward/model"), ("fn_scores", "reward/fn")):
+        if key in results[0]:
+            metrics[name] = sum(float(r[key]) for r in results) / len(results)
+    metrics["response_length/mean"] = sum(int(r["response_len"]) for r in results) / len(results)
+    return metrics
+
+
+def build_evaluator(policy: PolicyInference, reward: RewardInference, path: str | None) -> Evaluator | None:
+    """Greedy responses to the eval prompts, scored by the reward (None without eval data)."""
+    if not path:
+        return None
+
+    def eval_flow(batch):
+        return reward.eval_forward(policy.eval_forward(batch))
+
+    return Evaluator(eval_flow).set_dataset(read_jsonl(path)).set_post_process_func(reward_metrics)
+
+
+def main() -> list[dict]:
+    chatlearn.init()
+    args = chatlearn.get_args()
+    policy = PolicyInference("policy")
+    reference = PolicyReference("reference")
+    reward = RewardInference("reward")
+    value = ValueInference("value")
+    ppo_policy = PolicyTrainer("ppo_policy")
+    ppo_value = ValueTrainer("ppo_value")
+
+    evaluator = build_evaluator(policy, reward, args.runtime.eval_data_path)
+    engine = RLHFEngine(policy, reference, reward, value, ppo_policy, ppo_value, evaluator=evaluator)
+    engine.set_dataset(read_jsonl(args.runtime.data_path))
+    return engine.learn()
+
+
+if __name__ == "__main__":
+    main()
