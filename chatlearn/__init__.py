@@ -4,7 +4,7 @@ Public API (imported lazily so that ``import chatlearn`` and the CLI stay fast
 and do not pull in torch, Ray or vLLM until they are needed):
 
     chatlearn.load_config(path, overrides=None)   -> ChatLearnConfig
-    chatlearn.init(config_path=None)              parse config (or -c/--config), start Ray
+    chatlearn.init(config_path=None)              parse the config (or -c/--config); engines start Ray
     chatlearn.get_args()                          the config passed to init()
     chatlearn.TorchModule                         base class for plain-PyTorch models
     chatlearn.Engine                              the generic engine (environment, trainer, evaluator flows)

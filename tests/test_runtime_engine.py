@@ -53,7 +53,9 @@ def test_rlhf_three_episodes_with_replicas_colocation_and_sync(ray_session, toy_
         assert m["samples/environment"] == 16 and m["samples/train"] == 16
         assert m["train/steps"] == 2  # 16 samples / global batch 8
         assert m["sync/ppo_policy->policy/count"] == 1 and m["sync/ppo_value->value/count"] == 1
-        assert torch.isfinite(torch.tensor(m["loss"]))
+        # Both trainers report "loss": each keeps its own, under its model name.
+        assert "loss" not in m
+        assert torch.isfinite(torch.tensor([m["ppo_policy/loss"], m["ppo_value/loss"]])).all()
     # Metrics file: one line per episode, with stage timings.
     lines = read_metrics(os.path.join(toy_env, "out", "toy", "metrics.jsonl"))
     assert [r["episode"] for r in lines] == [0, 1, 2]
@@ -222,7 +224,8 @@ def test_resume_matches_uninterrupted_run(ray_session, tmp_path, monkeypatch):
 
     assert len(resumed) == 4
     for a, b in zip(full, resumed):
-        assert a["loss"] == pytest.approx(b["loss"], rel=0, abs=0)
+        for key in ("ppo_policy/loss", "ppo_value/loss"):
+            assert a[key] == pytest.approx(b[key], rel=0, abs=0)
     # Only trainers are checkpointed; the policy is re-synced from ppo_policy on resume,
     # so it generated episodes 3-4 with the same weights as in the uninterrupted run.
     assert not os.path.exists(tmp_path / "full/toy/checkpoints/episode_000003/models/policy")
@@ -244,20 +247,26 @@ def test_resume_matches_uninterrupted_run(ray_session, tmp_path, monkeypatch):
                 assert torch.equal(a["model"][key], b["model"][key]), (model, key)
 
 
-def test_actor_exception_names_model_replica_rank_and_cleans_up(ray_session, toy_env, tmp_path):
+def run_with_failing_reference(tmp_path, failure: str) -> RemoteCallError:
+    """Run the toy RLHF config with the 2-rank reference's model args set to ``failure``;
+    return the error the run stopped with."""
     (tmp_path / "fail.yaml").write_text(
         (open(CONFIG).read()
          .replace("model_config_file: toy_base.yaml\n    num_cpu: 2\n    tensor_model_parallel_size: 2",
                   "model_config_file: toy_fail.yaml\n    num_cpu: 2\n    tensor_model_parallel_size: 2")))
     for name in ("toy_base.yaml", "toy_policy.yaml", "toy_trainer.yaml"):
         (tmp_path / name).write_text(open(os.path.join(os.path.dirname(CONFIG), name)).read())
-    (tmp_path / "toy_fail.yaml").write_text("fail_on_iteration: 2\n")
+    (tmp_path / "toy_fail.yaml").write_text(failure)
     chatlearn.init(str(tmp_path / "fail.yaml"))
     engine = build_rlhf()
     engine.set_dataset(make_prompts(40))
     with pytest.raises(RemoteCallError) as info:
         engine.learn()
-    err = info.value
+    return info.value
+
+
+def test_actor_exception_names_model_replica_rank_and_cleans_up(ray_session, toy_env, tmp_path):
+    err = run_with_failing_reference(tmp_path, "fail_on_iteration: 2\n")
     assert err.model == "reference" and err.replica == 0 and err.rank in (0, 1)
     assert "toy failure in reference at iteration 2" in str(err)
     assert "Traceback" in err.remote_traceback
@@ -294,19 +303,7 @@ def test_one_failed_rank_is_reported_while_the_rest_of_its_replica_blocks(ray_se
     the all-reduce, and so does everything downstream. The run must stop with rank 0's error
     right away, not wait for runtime.actor_timeout_s and then blame a blocked call."""
     monkeypatch.setenv("actor_timeout", "120")  # without the watch, the run would end here with a time-out
-    (tmp_path / "fail.yaml").write_text(
-        (open(CONFIG).read()
-         .replace("model_config_file: toy_base.yaml\n    num_cpu: 2\n    tensor_model_parallel_size: 2",
-                  "model_config_file: toy_fail.yaml\n    num_cpu: 2\n    tensor_model_parallel_size: 2")))
-    for name in ("toy_base.yaml", "toy_policy.yaml", "toy_trainer.yaml"):
-        (tmp_path / name).write_text(open(os.path.join(os.path.dirname(CONFIG), name)).read())
-    (tmp_path / "toy_fail.yaml").write_text("fail_on_iteration: 2\nfail_on_rank: 0\n")
-    chatlearn.init(str(tmp_path / "fail.yaml"))
-    engine = build_rlhf()
-    engine.set_dataset(make_prompts(40))
-    with pytest.raises(RemoteCallError) as info:
-        engine.learn()
-    err = info.value
+    err = run_with_failing_reference(tmp_path, "fail_on_iteration: 2\nfail_on_rank: 0\n")
     assert (err.model, err.replica, err.rank) == ("reference", 0, 0)
     assert "toy failure in reference at iteration 2" in str(err)
     assert worker_processes() == []
@@ -353,3 +350,14 @@ def test_free_memory_offloads_idle_colocated_model(ray_session, toy_env, monkeyp
     assert events.count("offload") == 2
     gen_iterations = [r for r in records(toy_env, "policy") if "iteration" in r]
     assert len(gen_iterations) == 8
+
+
+def test_train_batch_gives_every_data_parallel_rank_the_same_micro_batches():
+    """Megatron's DP ranks pair their collectives: equal micro-batch counts, or a hang."""
+    from chatlearn.runtime.engine import TrainBatch
+
+    samples = [{"x": torch.tensor([i])} for i in range(9)]  # dynamic mode's short last batch
+    per_rank = TrainBatch(samples, micro_batch_size=2).per_dp_rank(2)
+    assert [[mb["x"].flatten().tolist() for mb in rank] for rank in per_rank] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    assert TrainBatch(samples[:1], micro_batch_size=2).per_dp_rank(2) == [[], []]
+    assert [len(r) for r in TrainBatch(samples[:8], micro_batch_size=3).per_dp_rank(1)] == [3]

@@ -9,9 +9,32 @@ token, so it carries 0.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import fields
+from typing import Any, Mapping, Optional, TypeVar
 
 import torch
+
+ConfigT = TypeVar("ConfigT")
+
+
+def config_from_args(cls: type[ConfigT], args: Mapping[str, Any]) -> ConfigT:
+    """An algorithm's settings dataclass from a model's free-form args (other keys are ignored:
+    one model file holds the backend's settings too)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in args.items() if k in names})
+
+
+class StatelessRollouts:
+    """Defaults for an ``Engine`` rollout processor with nothing to adapt or checkpoint."""
+
+    def end_episode(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:

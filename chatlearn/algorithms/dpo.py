@@ -8,11 +8,12 @@ With sequence log-likelihoods ``pi`` (policy) and ``ref`` (reference):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from chatlearn.algorithms.core import StatelessRollouts
 
 
 @dataclass
@@ -20,11 +21,6 @@ class DPOConfig:
     beta: float = 0.1
     # Pairs whose scores differ by no more than this carry no preference and are dropped.
     min_score_gap: float = 0.0
-
-    @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> "DPOConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in args.items() if k in names})
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -49,7 +45,7 @@ def rank_pair(scores: tuple[float, float], min_gap: float = 0.0) -> tuple[int, i
 PAIRED_KEYS = ("input_ids", "loss_mask", "ref_logprobs")
 
 
-class DPOPairs:
+class DPOPairs(StatelessRollouts):
     """The driver's online-DPO step (an ``Engine`` rollout processor): pair and rank responses.
 
     The batch holds two consecutive responses per prompt (the policy's
@@ -84,12 +80,3 @@ class DPOPairs:
             "pairs/score_gap": float((scores[chosen] - scores[rejected]).mean()) if chosen else 0.0,
         }
         return out, metrics
-
-    def end_episode(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

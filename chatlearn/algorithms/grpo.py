@@ -11,12 +11,11 @@ k3 estimate of KL(policy || reference):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass
 
 import torch
 
-from chatlearn.algorithms.core import masked_mean
+from chatlearn.algorithms.core import StatelessRollouts, masked_mean
 
 
 @dataclass
@@ -29,11 +28,6 @@ class GRPOConfig:
     # > 0: train only on the top_k highest-scoring responses of each group
     # (advantages still come from the whole group).
     select_top_k: int = 0
-
-    @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> "GRPOConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in args.items() if k in names})
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, std_normalize: bool = True,
@@ -66,7 +60,7 @@ def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tens
     return masked_mean(k3_kl(logprobs, ref_logprobs), mask)
 
 
-class GRPORollouts:
+class GRPORollouts(StatelessRollouts):
     """The driver's GRPO step on each rollout batch (an ``Engine`` rollout processor).
 
     The batch holds ``group_size`` consecutive responses per prompt (vLLM's
@@ -100,12 +94,3 @@ class GRPORollouts:
             keep = top_k_in_groups(scores, self.group_size, self.cfg.select_top_k).tolist()
             out = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in out.items()}
         return out, metrics
-
-    def end_episode(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

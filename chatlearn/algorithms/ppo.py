@@ -16,8 +16,7 @@ Metric names are stable: ``loss/policy``, ``loss/value``, ``clipfrac``,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -39,11 +38,6 @@ class PPOConfig:
     entropy_coef: float = 0.0
     whiten_advantages: bool = True
     score_clip: float = 0.0         # > 0: clip the sequence score to [-score_clip, score_clip]
-
-    @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> "PPOConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in args.items() if k in names})
 
 
 class FixedKLController:

@@ -38,7 +38,7 @@ class LoraConfig:
 class BatchGenerationConfig:
     # Sort an episode's prompts by length before batching, to cut padding.
     ranking: bool = False
-    # Prompts shorter than this many tokens are dropped from generation.
+    # Prompts shorter than this are dropped (tokens if samples carry ids, else characters).
     min_prompt_length: int = 0
 
 

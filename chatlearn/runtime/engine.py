@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 import torch
 
 from chatlearn.config.globals import get_args
-from chatlearn.data.batching import collate, shard_sizes, split_batch
+from chatlearn.data.batching import collate, split_batch
 from chatlearn.data.prompts import PromptDataset, filter_min_prompt_length, rank_by_length
 from chatlearn.data.relay import RelayBuffers
 from chatlearn.data.stream_dataset import StreamDataset
@@ -58,13 +58,22 @@ class TrainBatch:
         self.micro_batch_size = micro_batch_size
 
     def per_dp_rank(self, dp_size: int) -> list[list[dict]]:
-        """Contiguous shards (sizes differ by at most one), each cut into collated micro-batches."""
-        shards, start = [], 0
-        for size in shard_sizes(len(self.samples), dp_size):
-            shards.append(self.samples[start:start + size])
-            start += size
-        mb = self.micro_batch_size
-        return [[collate(shard[i:i + mb]) for i in range(0, len(shard), mb)] for shard in shards]
+        """Equal contiguous shards, each cut into collated micro-batches.
+
+        Every data-parallel rank must run the same number of micro-batches (their
+        collectives pair up), so a batch that does not divide by ``dp_size`` (dynamic
+        mode's short last batch) leaves its last ``len % dp_size`` samples out.
+        """
+        usable = len(self.samples) - len(self.samples) % dp_size
+        if usable < len(self.samples):
+            logger.warning("a training batch of %d samples does not split over %d data-parallel ranks: "
+                           "training on %d of them", len(self.samples), dp_size, usable)
+        shard, mb = usable // dp_size, self.micro_batch_size
+        per_rank = []
+        for rank in range(dp_size):
+            mine = self.samples[rank * shard:(rank + 1) * shard]
+            per_rank.append([collate(mine[i:i + mb]) for i in range(0, shard, mb)])
+        return per_rank
 
 
 class RolloutProcessor(Protocol):
@@ -100,6 +109,11 @@ class Engine:
         self.models: dict[str, BaseModule] = {}
         for flow in self.flows:
             self._register_flow_models(flow)
+        for name in self.models:
+            if self.config.models[name].gpu_per_process > 1:
+                raise ValueError(f"{self.config.config_path or 'config'}: models.{name}.gpu_per_process: the engine "
+                                 f"runs one process per device (got {self.config.models[name].gpu_per_process}); "
+                                 f"a vLLM replica spans tensor_model_parallel_size devices by itself")
         self.sync_pairs: list[tuple[str, str, ParameterSynchronizer]] = []
         self.relay_sample_fn: Optional[Callable] = None
         self.prompts: Optional[list] = None
@@ -245,8 +259,6 @@ class Engine:
         env = self._worker_env()
         for name, model in self.models.items():
             plan = self.placement.models[name]
-            if plan.num_processes != plan.num_devices:
-                raise NotImplementedError(f"models.{name}.gpu_per_process > 1 is not supported yet")
             offset = self._bundle_offset[plan.device]
             share = self.placement.slot_share(plan.device)
             self.dist[name] = DistModel(
@@ -431,9 +443,17 @@ class Engine:
             self._steps_this_episode += 1
 
     def _collect_train_metrics(self) -> dict[str, float]:
-        results = [r for d in self.dist.values() for r in self.tracker.get(d.take_train_outputs())]
+        per_model = {name: mean_metrics([r for r in self.tracker.get(d.take_train_outputs()) if isinstance(r, dict)])
+                     for name, d in self.dist.items()}
         self.tracker.wait_all()  # every other outstanding call too (non-output ranks): errors must surface
-        merged = mean_metrics([r for r in results if isinstance(r, dict)])
+        # A metric only one trainer reports keeps its name (loss/policy, clipfrac); one that
+        # several report (grad_norm, lr) is kept per trainer: ppo_policy/grad_norm, ppo_value/grad_norm.
+        owners: dict[str, int] = {}
+        for metrics in per_model.values():
+            for key in metrics:
+                owners[key] = owners.get(key, 0) + 1
+        merged = {(key if owners[key] == 1 else f"{name}/{key}"): value
+                  for name, metrics in per_model.items() for key, value in metrics.items()}
         merged["train/steps"] = float(self._steps_this_episode)
         self._steps_this_episode = 0
         return merged

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from chatlearn.algorithms.core import config_from_args
 from chatlearn.algorithms.dpo import DPOConfig, DPOPairs
 from chatlearn.algorithms.grpo import GRPOConfig, GRPORollouts
 from chatlearn.algorithms.ppo import PPOConfig, PPORollouts
@@ -63,7 +64,7 @@ class RLHFEngine(Engine):
             ppo_policy.train_step(batch)
             ppo_value.train_step(batch)
 
-        processor = PPORollouts(PPOConfig.from_args(_trainer_args(ppo_policy))) if compute_advantages else None
+        processor = PPORollouts(config_from_args(PPOConfig, _trainer_args(ppo_policy))) if compute_advantages else None
         super().__init__(Environment(env_flow), Trainer(trainer_flow), evaluator, rollout_processor=processor)
         self.set_parameter_sync(ppo_policy, policy)
         self.set_parameter_sync(ppo_value, value)
@@ -90,7 +91,7 @@ class GRPOEngine(Engine):
         def trainer_flow(batch):
             ppo_policy.train_step(batch)
 
-        processor = GRPORollouts(GRPOConfig.from_args(_trainer_args(ppo_policy)), _samples_per_prompt(policy))
+        processor = GRPORollouts(config_from_args(GRPOConfig, _trainer_args(ppo_policy)), _samples_per_prompt(policy))
         super().__init__(Environment(env_flow), Trainer(trainer_flow), evaluator, rollout_processor=processor)
         self.set_parameter_sync(ppo_policy, policy)
 
@@ -121,5 +122,5 @@ class OnlineDPOEngine(Engine):
             ppo_policy.train_step(batch)
 
         super().__init__(Environment(env_flow), Trainer(trainer_flow), evaluator,
-                         rollout_processor=DPOPairs(DPOConfig.from_args(_trainer_args(ppo_policy))))
+                         rollout_processor=DPOPairs(config_from_args(DPOConfig, _trainer_args(ppo_policy))))
         self.set_parameter_sync(ppo_policy, policy)

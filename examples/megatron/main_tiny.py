@@ -50,7 +50,8 @@ def _run(cmd: list[str], env: dict | None = None) -> None:
 
 def _setup_task(out: str, args: argparse.Namespace) -> dict[str, str]:
     """Every distinct prompt, split into held-out prompts (never trained on) and training prompts."""
-    paths = {name: os.path.join(out, "data", f"{name}.jsonl") for name in ("sft", "pairs", "rl", "heldout")}
+    paths = {name: os.path.join(out, "data", f"{name}.jsonl")
+             for name in ("sft", "pairs", "rl", "heldout", "heldout_pairs")}
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
@@ -63,6 +64,7 @@ def _setup_task(out: str, args: argparse.Namespace) -> dict[str, str]:
     write_jsonl(paths["sft"], sft_records(train))
     write_jsonl(paths["pairs"], preference_records(train * 4, seed=args.seed + 1))
     write_jsonl(paths["rl"], train)
+    write_jsonl(paths["heldout_pairs"], preference_records(heldout * 4, seed=args.seed + 2))
     _log(f"task: {len(train)} training prompts, {len(heldout)} held-out prompts under {out}/data")
     return paths
 
@@ -82,7 +84,8 @@ def _setup_models(out: str, paths: dict[str, str], args: argparse.Namespace) -> 
         reward = os.path.join(out, "reward_model")
         if not os.path.exists(os.path.join(reward, "model.safetensors")):
             _run([sys.executable, os.path.join(HERE, "train_reward.py"), "--load", sft, "--data", paths["pairs"],
-                  "--save", reward, "--epochs", str(args.reward_epochs), "--seed", str(args.seed)])
+                  "--eval-data", paths["heldout_pairs"], "--save", reward, "--epochs", str(args.reward_epochs),
+                  "--seed", str(args.seed)])
         models["reward_load"] = reward
     return models
 
@@ -104,7 +107,7 @@ def _plot(metrics: list[dict], path: str, title: str) -> None:
     axes[0].legend()
     if evals and "eval/reward/fn" in evals[0]:
         axes[1].plot(x, [m["eval/reward/fn"] for m in evals], marker="o", color="C2")
-        axes[1].set_ylabel("held-out accuracy (greedy)")
+        axes[1].set_ylabel("held-out accuracy (sampled)")
     axes[1].set_xlabel("episode (0 = before RL)")
     fig.suptitle(title)
     fig.tight_layout()
@@ -135,13 +138,15 @@ def _report(run_dir: str, algo: str, elapsed: float, peak_gib: float, config: st
             heldout: list[dict]) -> dict:
     metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     evals = {m["episode"]: m for m in metrics if "eval/reward/mean" in m}
-    print(f"\nheld-out prompts ({algo}): reward and accuracy of 8 sampled responses per prompt (temperature 1)")
+    print(f"\nheld-out prompts ({algo}): mean reward and accuracy of the evaluator's sampled responses "
+          f"(eval_n per prompt at eval_temperature; see the policy's YAML)")
     print(f"{'episode':>8}  {'reward':>8}  {'accuracy':>8}  {'length':>6}")
     for episode, m in sorted(evals.items()):
         label = "start" if episode < 0 else str(episode + 1)
         print(f"{label:>8}  {m['eval/reward/mean']:>8.3f}  {m.get('eval/reward/fn', float('nan')):>8.3f}"
               f"  {m['eval/response_length/mean']:>6.2f}")
     first, last = evals[min(evals)], evals[max(evals)]
+    last3 = [evals[e] for e in sorted(evals)[-3:]]
     final_model = os.path.join(run_dir, "hf_ppo_policy")
     greedy = (greedy_accuracy(start_model, heldout), greedy_accuracy(final_model, heldout))
     plot = os.path.join(run_dir, "curves.png")
@@ -151,6 +156,9 @@ def _report(run_dir: str, algo: str, elapsed: float, peak_gib: float, config: st
         "episodes": max(m["episode"] for m in metrics) + 1,
         "heldout_reward_start": first["eval/reward/mean"], "heldout_reward_end": last["eval/reward/mean"],
         "heldout_accuracy_start": first.get("eval/reward/fn"), "heldout_accuracy_end": last.get("eval/reward/fn"),
+        # The mean of the last three evaluations: steadier than the last one alone.
+        "heldout_reward_last3": sum(m["eval/reward/mean"] for m in last3) / len(last3),
+        "heldout_accuracy_last3": sum(m.get("eval/reward/fn", float("nan")) for m in last3) / len(last3),
         "heldout_greedy_accuracy_start": greedy[0], "heldout_greedy_accuracy_end": greedy[1],
         "minutes": elapsed / 60, "peak_rss_gib": peak_gib,
     }
@@ -176,9 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--episodes", type=int, default=None, help="RL episodes (default: the config's)")
     parser.add_argument("--max-operand", type=int, default=9, help="operands of the arithmetic task: 0..N")
     parser.add_argument("--heldout", type=int, default=24, help="prompts kept out of every training step")
-    parser.add_argument("--sft-epochs", type=int, default=60,
+    parser.add_argument("--sft-epochs", type=int, default=30,
                         help="a short warm start: the policy should know the format, not every answer")
-    parser.add_argument("--reward-epochs", type=int, default=2)
+    parser.add_argument("--reward-epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -1,7 +1,7 @@
 """Reward-model fitting on megatron-core: a scalar head trained on preference pairs.
 
     python examples/megatron/train_reward.py --load HF_DIR --data pairs.jsonl --save OUT_DIR \
-        [--nproc 1 --tp 1 --pp 1] [--epochs 2 --lr 5e-4 --global-batch 32 --micro-batch 8]
+        [--eval-data heldout_pairs.jsonl] [--nproc 1 --tp 1 --pp 1] [--epochs 8 --lr 1e-3 --global-batch 32]
 
 Supports: Llama/Qwen2; ``--load`` is a reward-model checkpoint
 (``*ForSequenceClassification``) or a causal LM, whose backbone then gets a
@@ -56,6 +56,25 @@ def pair_sample(tokenizer, record: dict) -> dict:
     return sample
 
 
+def pair_accuracy(module: MegatronModule, samples: list[dict], batch_size: int = 32) -> float | None:
+    """Share of pairs whose chosen response scores higher (None on ranks without the scores)."""
+    from chatlearn.data.batching import collate
+
+    correct, total = 0, 0
+    for start in range(0, len(samples), batch_size):
+        batch = collate(samples[start:start + batch_size])
+        ids = concat_padded([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        mask = concat_padded([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        out = module.forward_step({"input_ids": ids}, 0)
+        if not out:
+            return None
+        scores = out["values"][torch.arange(ids.shape[0]), last_token_index(mask)]
+        chosen, rejected = scores.chunk(2)
+        correct += int((chosen > rejected).sum())
+        total += chosen.numel()
+    return correct / total
+
+
 def _train(rank: int, world: int, args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
@@ -85,6 +104,10 @@ def _train(rank: int, world: int, args: argparse.Namespace) -> None:
         accuracy = sum(float(m["accuracy"]) for m in tail) / len(tail)
         print(f"[reward] {len(history)} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
               f"train pair accuracy (last 20%) {accuracy:.2f}; saved {args.save}", flush=True)
+    if args.eval_data:
+        held = pair_accuracy(module, [pair_sample(tokenizer, r) for r in read_jsonl(args.eval_data)])
+        if held is not None and rank == world - 1:
+            print(f"[reward] held-out pair accuracy {held:.2f} ({args.eval_data})", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,11 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load", required=True, help="reward-model or causal-LM Hugging Face checkpoint")
     p.add_argument("--data", required=True, help="JSON lines with prompt, chosen, rejected")
     p.add_argument("--save", required=True, help="output Hugging Face checkpoint directory")
+    p.add_argument("--eval-data", default=None, help="held-out pairs: report the pair accuracy after training")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

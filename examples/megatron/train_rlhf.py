@@ -1,7 +1,7 @@
 """PPO RLHF with megatron-core training and vLLM sampling, as in ChatLearn 1.x.
 
     python examples/megatron/train_rlhf.py -c examples/megatron/configs/tiny/rlhf.yaml
-    python examples/megatron/train_rlhf.py -c examples/megatron/configs/qwen2/rlhf.yaml   (GPUs)
+    bash examples/megatron/scripts/run_qwen2_7b.sh    (8 GPUs: configs/gpu/rlhf_7b.yaml)
 
 Supports: the six roles of RLHFEngine (vLLM policy, Megatron reference,
 reward model and/or Python reward, value, PPO policy and value trainers),

@@ -42,7 +42,7 @@ def main() -> None:
 
     print("\nepisode  reward/mean  loss      time/environment  time/train  time/sync")
     for episode, m in enumerate(history):
-        print(f"{episode + 1:>7}  {m.get('reward/mean', float('nan')):>11.4f}  {m.get('loss', float('nan')):<8.4f}"
+        print(f"{episode + 1:>7}  {m.get('reward/mean', float('nan')):>11.4f}  {m.get('ppo_policy/loss', float('nan')):<8.4f}"
               f"  {m['time/environment']:>16.2f}  {m['time/train']:>10.2f}  {m['time/sync']:>9.2f}")
     run_dir = f"{args.runtime.output_dir}/{args.runtime.exp_name}"
     print(f"\nmetrics:      {run_dir}/metrics.jsonl (TensorBoard: {run_dir}/tensorboard)")

@@ -13,6 +13,7 @@ and tests may assign ``module.settings`` before ``setup()`` instead.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -29,6 +30,10 @@ from chatlearn.models.megatron.model import build_gpt_model, hf_arch, load_hf_co
 from chatlearn.models.megatron.parallel import initialize_parallel_state
 from chatlearn.models.megatron.schedule import forward_logits, forward_logprobs, pad_micro_batches, run_micro_batches
 from chatlearn.utils import platform
+
+
+# The learning-rate schedule's position (same on every rank), saved beside the model state.
+SCHEDULER_FILE = "lr_scheduler.json"
 
 
 @dataclass
@@ -54,6 +59,13 @@ class MegatronSettings:
     # layout) instead of per-rank files; from_args takes the default from
     # runtime.adaptive_parallel_strategy_on_checkpoint.
     adaptive_checkpoint: bool = False
+    # Learning-rate schedule (megatron's OptimizerParamScheduler), stepped once per train_step:
+    # linear warm-up from 0 over lr_warmup_steps, then lr_decay_style ("constant", "linear",
+    # "cosine", "inverse-square-root") from lr down to min_lr by step lr_decay_steps.
+    lr_decay_style: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int = 0           # 0: the schedule ends with the warm-up
+    min_lr: float = 0.0
 
     @classmethod
     def from_args(cls, module_args: Any, model_args: dict) -> "MegatronSettings":
@@ -76,6 +88,10 @@ class MegatronSettings:
                 targets += ["linear_qkv"] if lora.column_only_qkv else ["linear_qkv", "linear_fc1"]
             if "RowParallelLinear" in kinds:
                 targets += ["linear_proj", "linear_fc2"]
+            if not targets:
+                # (LinearLayer and VocabParallelEmbedding have no LoRA form on this backend.)
+                raise ValueError(f"lora.lora_layer {lora.lora_layer!r} selects no layer the megatron backend can "
+                                 f"adapt: name ColumnParallelLinear and/or RowParallelLinear")
             known.update(lora_rank=lora.lora_dim, lora_scaling=lora.lora_scaling, lora_targets=tuple(targets))
         known.setdefault("adaptive_checkpoint", _runtime_adaptive_checkpoint())
         return cls(**known, tp=module_args.tensor_model_parallel_size,
@@ -89,6 +105,7 @@ class MegatronModule(BaseModule):
         super().__init__(name)
         self.model: Optional[torch.nn.Module] = None
         self.optimizer = None
+        self.scheduler = None  # megatron OptimizerParamScheduler (trainable models)
         self.hf_config: Optional[dict] = None
         self.config = None  # megatron TransformerConfig
 
@@ -111,7 +128,22 @@ class MegatronModule(BaseModule):
             convert_layer_to_lora(model, s.lora_rank, s.lora_scaling * s.lora_rank, s.lora_targets, seed=s.seed)
         if s.trainable:
             model, self.optimizer = self._build_trainer(model)
+            self.scheduler = self._build_scheduler()
         self.model = model
+
+    def _build_scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        s = self.settings
+        decay_steps = max(s.lr_decay_steps, s.lr_warmup_steps + 1)
+        # The optimizer's param groups carry max_lr / min_lr (from OptimizerConfig); these are
+        # the scheduler's defaults for groups without them.
+        scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if s.lr_warmup_steps else s.lr, max_lr=s.lr, min_lr=min(s.min_lr, s.lr),
+            lr_warmup_steps=s.lr_warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=s.lr_decay_style,
+            start_wd=s.weight_decay, end_wd=s.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant")
+        scheduler.step(0)  # puts the step-0 learning rate into the optimizer
+        return scheduler
 
     def _build_trainer(self, model: torch.nn.Module):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -127,7 +159,8 @@ class MegatronModule(BaseModule):
             model = DistributedDataParallel(config, ddp_config, model)
             optimizer = get_megatron_optimizer(
                 OptimizerConfig(
-                    optimizer=s.optimizer, lr=s.lr, weight_decay=s.weight_decay, clip_grad=s.clip_grad,
+                    optimizer=s.optimizer, lr=s.lr, min_lr=min(s.min_lr, s.lr), weight_decay=s.weight_decay,
+                    clip_grad=s.clip_grad,
                     adam_beta1=s.adam_beta1, adam_beta2=s.adam_beta2,
                     bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
                     use_distributed_optimizer=s.use_distributed_optimizer,
@@ -213,11 +246,15 @@ class MegatronModule(BaseModule):
         results = run_micro_batches(model, mbs, self.loss_fn, forward_only=False)
         with cpu_compat.cpu_device_mode():
             ok, grad_norm, _ = self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if ok:
+            self.scheduler.step(1)
         if not results:
             return None
         metrics = {k: float(torch.stack([torch.as_tensor(r[k]) for r in results]).mean()) for k in results[0]}
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_successful"] = bool(ok)
+        metrics["lr"] = float(lr)
         return metrics
 
     # -- weights ------------------------------------------------------------------
@@ -262,6 +299,12 @@ class MegatronModule(BaseModule):
         dist_checkpointing checkpoint that loads under any TP/PP/DP layout;
         otherwise one file per rank that loads only under this layout.
         """
+        if self.scheduler is not None and dist.get_rank() == 0:
+            from chatlearn.utils.atomic import atomic_write_bytes
+
+            os.makedirs(path, exist_ok=True)
+            atomic_write_bytes(os.path.join(path, SCHEDULER_FILE),
+                               json.dumps({"num_steps": self.scheduler.num_steps}).encode())
         if self.settings.adaptive_checkpoint:
             dist_ckpt.save_distributed(self.model, self.optimizer, path,
                                        self._checkpoint_info(dist_ckpt.FORMAT_DIST))
@@ -302,9 +345,10 @@ class MegatronModule(BaseModule):
         if saved is not None:
             current = self._checkpoint_info(saved["format"])
             dist_ckpt.check_checkpoint(path, saved, current)
-            if saved["format"] == dist_ckpt.FORMAT_DIST:
-                dist_ckpt.load_distributed(self.model, self.optimizer, path, saved, current)
-                return
+        self._load_scheduler(path)
+        if saved is not None and saved["format"] == dist_ckpt.FORMAT_DIST:
+            dist_ckpt.load_distributed(self.model, self.optimizer, path, saved, current)
+            return
         file = self._rank_file(path)
         if not os.path.exists(file):
             raise FileNotFoundError(f"model {self.name!r}: no checkpoint shard at {file} (a per-rank checkpoint "
@@ -326,6 +370,13 @@ class MegatronModule(BaseModule):
                         _load_parameter_state_keeping_step(self.optimizer, self._param_state_file(path),
                                                            state.get("adam_step"))
         torch.set_rng_state(state["rng"])
+
+    def _load_scheduler(self, path: str) -> None:
+        scheduler_file = os.path.join(path, SCHEDULER_FILE)
+        if self.scheduler is not None and os.path.exists(scheduler_file):
+            with open(scheduler_file) as f:
+                self.scheduler.num_steps = 0
+                self.scheduler.step(json.load(f)["num_steps"])
 
     def save_distributed_checkpoint(self, path: str) -> None:
         """Model weights only, via megatron dist_checkpointing: reloadable under any TP/PP layout."""

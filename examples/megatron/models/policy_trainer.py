@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from chatlearn.algorithms.core import entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten, \
-    sequence_logprob
+from chatlearn.algorithms.core import config_from_args, entropy_from_logits, logprobs_from_logits, masked_mean, \
+    masked_whiten, sequence_logprob
 from chatlearn.algorithms.dpo import PAIRED_KEYS, DPOConfig, dpo_loss
 from chatlearn.algorithms.grpo import GRPOConfig, kl_loss
 from chatlearn.algorithms.ppo import PPOConfig, policy_loss
@@ -74,7 +74,7 @@ class PolicyTrainer(_PolicyTrainer):
 
     def setup(self) -> None:
         super().setup()
-        self.ppo = PPOConfig.from_args(self.model_args)
+        self.ppo = config_from_args(PPOConfig, self.model_args)
 
     def train_step(self, data_list: list[dict], iteration: int) -> Optional[dict]:
         if self.ppo.whiten_advantages:
@@ -101,7 +101,7 @@ class GRPOTrainer(_PolicyTrainer):
 
     def setup(self) -> None:
         super().setup()
-        self.grpo = GRPOConfig.from_args(self.model_args)
+        self.grpo = config_from_args(GRPOConfig, self.model_args)
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         logp, mask = self._logprobs(logits, micro_batch)
@@ -120,7 +120,7 @@ class DPOTrainer(_PolicyTrainer):
 
     def setup(self) -> None:
         super().setup()
-        self.dpo = DPOConfig.from_args(self.model_args)
+        self.dpo = config_from_args(DPOConfig, self.model_args)
         self._check_consistency = False  # pairs carry no old_logprobs
 
     def before_episode(self, episode: int) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from chatlearn.algorithms.core import shift_to_token_positions
+from chatlearn.algorithms.core import config_from_args, shift_to_token_positions
 from chatlearn.algorithms.ppo import PPOConfig, explained_variance, value_loss
 from chatlearn.models.megatron import MegatronModule
 
@@ -24,7 +24,7 @@ class ValueTrainer(MegatronModule):
 
     def setup(self) -> None:
         super().setup()
-        self.ppo = PPOConfig.from_args(self.model_args)
+        self.ppo = config_from_args(PPOConfig, self.model_args)
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         device = logits.device
