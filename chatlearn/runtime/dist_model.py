@@ -3,7 +3,10 @@
 A model with ``devices`` slots and tensor x pipeline size ``tp*pp`` becomes:
 
 * an inference model: ``devices / (tp*pp)`` independent replicas, each its own
-  torch.distributed group of ``tp*pp`` ranks;
+  torch.distributed group of ``tp*pp`` ranks; or, when the module class sets
+  ``one_actor_per_replica`` (vLLM, whose engine starts its own tensor-parallel
+  workers), ONE actor per replica that holds the replica's ``tp*pp`` device
+  slots (it runs on the first; the others stay reserved for its engine);
 * a trainable model: one group of ``devices`` ranks, data parallel over
   ``dp = devices / (tp*pp)``, as Megatron expects.
 
@@ -23,6 +26,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from chatlearn.models.base import ALL_RANKS, DATA_PARALLEL, ROUND_ROBIN, BaseModule, WorkerInfo
 from chatlearn.runtime.calls import CallLabel, CallTracker
 from chatlearn.runtime.worker import ModelWorker
+
+# Seconds workers get to clean up before they are killed.
+KILL_GRACE_S = 10.0
 
 
 @dataclass
@@ -64,12 +70,22 @@ class DistModel:
         return self.module.name
 
     @property
-    def ranks_per_replica(self) -> int:
+    def one_actor_per_replica(self) -> bool:
+        return not self.trainable and bool(getattr(type(self.module), "one_actor_per_replica", False))
+
+    @property
+    def slots_per_replica(self) -> int:
+        """Device slots one replica holds (a trainable model is one replica)."""
         return self.num_devices if self.trainable else self.tp * self.pp
 
     @property
+    def ranks_per_replica(self) -> int:
+        """Ray actors (torch.distributed ranks) per replica."""
+        return 1 if self.one_actor_per_replica else self.slots_per_replica
+
+    @property
     def num_replicas(self) -> int:
-        return self.num_devices // self.ranks_per_replica
+        return self.num_devices // self.slots_per_replica
 
     @property
     def dp_size(self) -> int:
@@ -81,11 +97,21 @@ class DistModel:
 
     # -- start-up ----------------------------------------------------------------
     def create_workers(self, placement_group, config, env_vars: dict[str, str]) -> None:
+        if self.one_actor_per_replica and self.resource == "GPU" and self.slots_per_replica > 1:
+            # The actor would see the one GPU of its bundle; a multi-GPU engine
+            # needs bundles of tp GPUs (or vLLM's Ray executor on this placement group).
+            raise NotImplementedError(
+                f"model {self.name!r}: a {type(self.module).__name__} replica over "
+                f"{self.slots_per_replica} GPUs (tensor_model_parallel_size > 1) is not supported yet on GPU; "
+                "use tensor_model_parallel_size 1 and more replicas"
+            )
         remote_cls = ray.remote(ModelWorker)
         for replica_id in range(self.num_replicas):
             replica = []
             for rank in range(self.ranks_per_replica):
-                index = replica_id * self.ranks_per_replica + rank
+                # Rank r of a replica sits on the replica's r-th slot; a
+                # one-actor replica's actor sits on its first slot.
+                index = replica_id * self.slots_per_replica + rank
                 info = WorkerInfo(replica_id, rank, self.ranks_per_replica, self.tp, self.pp, self.dp_size)
                 options = dict(
                     num_cpus=self.share[index] if self.resource == "CPU" else 0,
@@ -137,6 +163,11 @@ class DistModel:
                 setattr(self.module, method, _bound(self.all_ranks, method))
 
     def kill(self) -> None:
+        # ray.kill is a SIGKILL: give workers a moment first to remove what
+        # would outlive them on the node (the weight sync's /dev/shm buckets).
+        refs = [w.actor.__ray_call__.remote(_release_node_resources) for w in self.workers]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=KILL_GRACE_S)
         for w in self.workers:
             ray.kill(w.actor, no_restart=True)
         self.replicas.clear()
@@ -161,6 +192,8 @@ class DistModel:
         if len(per_dp_rank) != self.dp_size:
             raise ValueError(f"model {self.name!r}: {method} got data for {len(per_dp_rank)} "
                              f"data-parallel ranks, the model has {self.dp_size}")
+        if not any(per_dp_rank):
+            return []  # nothing to train on: no step (an empty step would still move Adam's moments)
         iteration = self._next_iteration(method)
         refs = [
             self._track(w, method, w.actor.call.remote(method, per_dp_rank[w.dp_rank], iteration, *extra))
@@ -177,6 +210,16 @@ class DistModel:
 
     def all_ranks(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         return [self._track(w, method, w.actor.call.remote(method, *args, **kwargs)) for w in self.workers]
+
+    def run_on_worker(self, w: WorkerHandle, label: str, fn, *args) -> ray.ObjectRef:
+        """Run ``fn(module, *args)`` inside worker ``w`` (tracked under ``label``).
+
+        For framework code that must run next to a module without being one
+        of its methods (the synchronizer's bucket export and load). Errors
+        come back as ``RemoteCallError`` naming model, replica, rank and label.
+        Top-level ObjectRef arguments are resolved by Ray; nested ones are not.
+        """
+        return self._track(w, label, w.actor.__ray_call__.remote(_run_guarded, label, fn, *args))
 
     def call_output_ranks(self, method: str, *args, **kwargs) -> list[Any]:
         """Run on every rank; return the results of each replica's output rank."""
@@ -202,6 +245,25 @@ class DistModel:
 
     def _track(self, w: WorkerHandle, method: str, ref: ray.ObjectRef) -> ray.ObjectRef:
         return self.tracker.track(ref, CallLabel(self.name, w.info.replica_id, w.info.rank, method))
+
+
+def _release_node_resources(worker: ModelWorker) -> None:
+    """Best effort, before a SIGKILL: remove the weight sync's /dev/shm buckets
+    and let a module with ``shutdown()`` (vLLM) stop its own worker processes,
+    whose shared memory would otherwise stay behind."""
+    import sys
+
+    buckets = sys.modules.get("chatlearn.synchronizer.buckets")  # only where a sync wrote buckets
+    if buckets is not None:
+        buckets.close_pools()
+    shutdown = getattr(worker.module, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+
+
+def _run_guarded(worker: ModelWorker, label: str, fn, *args):
+    """Runs inside the actor (``ModelWorker``): ``fn`` gets the module."""
+    return worker._guard(label, lambda: fn(worker.module, *args))
 
 
 def _bound(dispatcher, method: str):

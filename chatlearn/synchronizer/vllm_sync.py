@@ -19,8 +19,9 @@ layer's kernel on an identity matrix: ``cpu_linear(I, ...) = I @ W.T = W.T``.
 That is exact in float32 (every product is by 0 or 1) and, unlike reading a
 stale copy, it reads what the engine actually computes with.
 
-Only tensor-parallel size 1 can be read back (in-process engines are TP 1;
-a TP>1 engine runs its workers in other processes).
+Whole tensors are read back with tensor-parallel size 1 only. Under TP each
+rank reports its share of every tensor's checksums (sums add up over the
+ranks' slices), which is what ``validate_param_sync`` compares.
 
 These functions run inside the vLLM worker (``LLM.collective_rpc`` with a
 callable); they only need ``torch`` and the model object.
@@ -28,7 +29,7 @@ callable); they only need ``torch`` and the model object.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
@@ -41,14 +42,17 @@ DEFAULT_PACKED_MODULES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class HFSlot:
-    """One HF-named tensor and where it lives in the vLLM model."""
+    """One HF-named tensor (or, under tensor parallelism, this rank's slice of
+    it) and where it lives in the vLLM model."""
 
     hf_name: str
     module: torch.nn.Module
     param_name: str  # "weight" / "bias" on ``module``
     row_start: int  # rows [row_start, row_start + rows) of the vLLM tensor (dim 0)
     rows: int
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # this rank's slice
+    full_shape: tuple[int, ...] = ()  # the whole HF tensor
+    copies: int = 1  # TP ranks that hold this same slice (replicated: all of them)
 
 
 def _packed_mapping(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
@@ -57,35 +61,72 @@ def _packed_mapping(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
 
 
 def _logical_shape(module: torch.nn.Module, param_name: str, param: torch.Tensor) -> tuple[int, ...]:
-    """Shape of the parameter as loaded, even when CPU repacking emptied it."""
+    """This rank's shape of the parameter as loaded, even when CPU repacking emptied it."""
     if param.numel() == 0 and param_name == "weight" and hasattr(module, "cpu_linear"):
         return (int(module.output_size_per_partition), int(module.input_size_per_partition))
     shape = tuple(param.shape)
-    org_vocab = getattr(module, "org_vocab_size", None)
-    if org_vocab is not None and shape and shape[0] > org_vocab:
-        # Vocab-parallel layers pad the vocabulary; HF checkpoints do not.
-        shape = (int(org_vocab),) + shape[1:]
+    indices = getattr(module, "shard_indices", None)
+    if indices is not None and shape:
+        # Vocab-parallel layers pad the vocabulary (and append added tokens);
+        # this rank's real rows come first.
+        shape = (int(indices.num_org_elements),) + shape[1:]
     return shape
 
 
-def hf_slots(model: torch.nn.Module) -> Iterator[HFSlot]:
-    """The model's parameters, split and named as in the HF checkpoint."""
+def _tp_split(module: torch.nn.Module, module_name: str, param_name: str, shape: tuple[int, ...],
+              part: int, tp: int, tp_world: int) -> tuple[tuple[int, ...], int]:
+    """(full HF shape, copies) of one slot of a module sharded over ``tp`` ranks
+    in an engine of ``tp_world`` tensor-parallel ranks.
+
+    A module that is not sharded (norms; ``tp == 1``) is held whole by every rank.
+
+    vLLM's layouts: vocab-parallel embeddings/LM heads split the vocabulary
+    (dim 0); column-parallel linears (qkv, gate_up, ...) split dim 0, except
+    that k/v are replicated over ``num_kv_head_replicas`` ranks when there are
+    fewer kv heads than ranks; row-parallel linears split dim 1 and keep the
+    bias whole on every rank.
+    """
+    if tp == 1:
+        return shape, tp_world
+    if hasattr(module, "shard_indices"):
+        return (int(module.org_vocab_size),) + shape[1:], 1
+    if hasattr(module, "input_is_parallel"):  # RowParallelLinear
+        if param_name == "weight":
+            return (shape[0], shape[1] * tp) + shape[2:], 1
+        return shape, tp
+    if hasattr(module, "output_partition_sizes"):  # ColumnParallelLinear and its fused kinds
+        copies = int(getattr(module, "num_kv_head_replicas", 1)) if part > 0 else 1
+        return (shape[0] * tp // copies,) + shape[1:], copies
+    raise NotImplementedError(f"do not know how vLLM shards {module_name}.{param_name} "
+                              f"({type(module).__name__}) over {tp} ranks")
+
+
+def hf_slots(model: torch.nn.Module, allow_tp: bool = True, tp_world: int = 1) -> Iterator[HFSlot]:
+    """The model's parameters, split and named as in the HF checkpoint.
+
+    Under tensor parallelism (``tp_world`` ranks) each slot is this rank's
+    slice (``full_shape`` and ``copies`` say how it relates to the whole
+    tensor); ``allow_tp=False`` refuses that (reading whole tensors back
+    needs every rank).
+    """
     packed = _packed_mapping(model)
     for module_name, module in model.named_modules():
         params = list(module.named_parameters(recurse=False))
         if not params:
             continue
-        if int(getattr(module, "tp_size", 1)) > 1:
+        tp = int(getattr(module, "tp_size", 1))
+        if tp > 1 and not allow_tp:
             raise NotImplementedError(
-                f"reading vLLM weights back is only supported with tensor_parallel_size 1 "
-                f"({module_name} is sharded over {module.tp_size} ranks)"
+                f"reading whole vLLM weights back needs tensor_parallel_size 1 "
+                f"({module_name} is sharded over {tp} ranks); use the per-rank checksums"
             )
         prefix, _, leaf = module_name.rpartition(".")
         for param_name, param in params:
             shape = _logical_shape(module, param_name, param)
             parts = packed.get(leaf)
             if parts is None:
-                yield HFSlot(f"{module_name}.{param_name}", module, param_name, 0, shape[0], shape)
+                full, copies = _tp_split(module, module_name, param_name, shape, 0, tp, tp_world)
+                yield HFSlot(f"{module_name}.{param_name}", module, param_name, 0, shape[0], shape, full, copies)
                 continue
             sizes = list(getattr(module, "output_partition_sizes", []))
             if len(sizes) != len(parts) or sum(sizes) != shape[0]:
@@ -94,21 +135,51 @@ def hf_slots(model: torch.nn.Module) -> Iterator[HFSlot]:
                     f"do not match {parts} and {shape}"
                 )
             start = 0
-            for part, size in zip(parts, sizes):
+            for index, (part, size) in enumerate(zip(parts, sizes)):
                 name = f"{prefix}.{part}.{param_name}" if prefix else f"{part}.{param_name}"
-                yield HFSlot(name, module, param_name, start, size, (size,) + shape[1:])
+                local = (size,) + shape[1:]
+                full, copies = _tp_split(module, module_name, param_name, local, index, tp, tp_world)
+                yield HFSlot(name, module, param_name, start, size, local, full, copies)
                 start += size
+
+
+def _is_lm_head(module: torch.nn.Module) -> bool:
+    try:
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    except ImportError:  # outside vLLM (unit tests of the pure functions)
+        return False
+    return isinstance(module, ParallelLMHead)
 
 
 def _engine_tensor(module: torch.nn.Module, param_name: str) -> torch.Tensor:
     """The full tensor the engine computes with, in ``[out, in]`` layout."""
     param = getattr(module, param_name)
-    if param.numel() == 0 and param_name == "weight" and hasattr(module, "cpu_linear"):
-        # CPU repacked the weight into its kernel format; recover it by
-        # applying the kernel to the identity: I @ W.T == W.T.
-        eye = torch.eye(int(module.input_size_per_partition), dtype=param.dtype)
+    if param_name == "weight" and hasattr(module, "cpu_linear") and (
+            param.numel() == 0 or (param.dim() == 2 and _is_lm_head(module))):
+        # CPU packed the weight into its kernel format (linears drop the
+        # parameter; an LM head keeps it but computes logits from its own
+        # packed copy, which a tied head does not share with the embedding).
+        # Recover what the kernel computes with: I @ W.T == W.T.
+        width = int(module.input_size_per_partition) if param.numel() == 0 else int(param.shape[1])
+        eye = torch.eye(width, dtype=param.dtype)
         return module.cpu_linear(eye, param, None).t().contiguous()
     return param.detach()
+
+
+def with_tied_lm_head(weights: Iterator[tuple[str, torch.Tensor]],
+                      names: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Send the embedding again as ``lm_head.weight`` when a tied model's state lacks it.
+
+    vLLM ties by sharing one parameter, but on CPU the LM head computes logits
+    from its own packed copy, re-made only when the head itself is loaded:
+    without this, a Megatron export (no ``lm_head.weight`` when tied) leaves
+    the logits on the old weights (caught by test_bucketed_sync_matches_transformers).
+    """
+    add = "lm_head.weight" not in names
+    for name, tensor in weights:
+        yield name, tensor
+        if add and name == "model.embed_tokens.weight":
+            yield "lm_head.weight", tensor
 
 
 @torch.no_grad()
@@ -116,7 +187,7 @@ def read_hf_state_dict(model: torch.nn.Module, tie_word_embeddings: bool = False
     """The vLLM model's current weights, un-fused to HF names and shapes (CPU copies)."""
     out: dict[str, torch.Tensor] = {}
     cache: dict[tuple[int, str], torch.Tensor] = {}
-    for slot in hf_slots(model):
+    for slot in hf_slots(model, allow_tp=False):
         key = (id(slot.module), slot.param_name)
         if key not in cache:
             cache[key] = _engine_tensor(slot.module, slot.param_name)
@@ -128,23 +199,62 @@ def read_hf_state_dict(model: torch.nn.Module, tie_word_embeddings: bool = False
 
 
 def hf_shapes(model: torch.nn.Module, tie_word_embeddings: bool = False) -> dict[str, tuple[int, ...]]:
-    """HF names and shapes the model accepts, without reading any weight."""
-    shapes = {slot.hf_name: slot.shape for slot in hf_slots(model)}
+    """HF names and whole-tensor shapes the model accepts, without reading any weight
+    (the same on every tensor-parallel rank)."""
+    shapes = {slot.hf_name: slot.full_shape for slot in hf_slots(model)}
     if tie_word_embeddings and "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
         shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
     return shapes
 
 
+@torch.no_grad()
+def shard_checksums(model: torch.nn.Module, tie_word_embeddings: bool = False,
+                    tp_world: int = 1) -> dict[str, tuple[float, float]]:
+    """This rank's share of the :func:`checksums` of every HF tensor.
+
+    Sums are additive over a partition of a tensor's elements, so adding the
+    shares of all tensor-parallel ranks (:func:`merge_shard_checksums`) gives
+    the whole tensor's checksums without gathering it: each rank divides its
+    slice's sums by the number of ranks holding that same slice.
+    """
+    out: dict[str, tuple[float, float]] = {}
+    cache: dict[tuple[int, str], torch.Tensor] = {}
+    for slot in hf_slots(model, tp_world=tp_world):
+        key = (id(slot.module), slot.param_name)
+        if key not in cache:
+            cache[key] = _engine_tensor(slot.module, slot.param_name)
+        part = cache[key][slot.row_start:slot.row_start + slot.rows].double()
+        out[slot.hf_name] = (float(part.sum()) / slot.copies, float(part.abs().sum()) / slot.copies)
+    if tie_word_embeddings and "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def merge_shard_checksums(per_rank: list[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Whole-tensor checksums from every tensor-parallel rank's :func:`shard_checksums`."""
+    if not per_rank:
+        return {}
+    names = set(per_rank[0])
+    for rank, sums in enumerate(per_rank[1:], start=1):
+        if set(sums) != names:
+            raise RuntimeError(f"vLLM rank {rank} reports other parameter names than rank 0: "
+                               f"{sorted(set(sums) ^ names)[:5]}")
+    return {name: (sum(float(r[name][0]) for r in per_rank), sum(float(r[name][1]) for r in per_rank))
+            for name in sorted(names)}
+
+
 def check_incoming_weights(
-    params: Mapping[str, torch.Tensor],
+    params: Mapping[str, Any],
     expected: Mapping[str, tuple[int, ...]],
     model_name: str = "vllm",
     ignore: tuple[str, ...] = ("rotary_emb.inv_freq",),
 ) -> None:
     """Raise before touching the engine when a sync's names or shapes are off.
 
-    vLLM's loader would otherwise fail deep inside a layer (or, for a
-    partially sent fused layer, leave it half updated).
+    ``params`` maps names to tensors or to shapes (a bucket manifest's
+    shapes: checked before any byte is read). vLLM's loader would otherwise
+    fail deep inside a layer (or, for a partially sent fused layer, leave it
+    half updated).
     """
     sent = {k for k in params if not any(k.endswith(s) for s in ignore)}
     missing = sorted(set(expected) - sent)
@@ -155,8 +265,9 @@ def check_incoming_weights(
             f"(missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''})"
         )
-    for name in sent:
-        got = tuple(params[name].shape)
+    for name in sorted(sent):
+        value = params[name]
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
         if got != tuple(expected[name]):
             raise ValueError(f"model {model_name!r}: {name} has shape {tuple(expected[name])}, sync sent {got}")
 

@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--algo", choices=sorted(ALGORITHMS), default="ppo")
     parser.add_argument("--output-dir", default="output/tiny")
     parser.add_argument("--episodes", type=int, default=None, help="RL episodes (default: the config's)")
+    parser.add_argument("--config", default=None,
+                        help="the RL config (default: configs/tiny/<algo>.yaml; configs/tiny/rlhf_1gpu.yaml "
+                             "puts the PPO roles on one GPU)")
     parser.add_argument("--max-operand", type=int, default=9, help="operands of the arithmetic task: 0..N")
     parser.add_argument("--heldout", type=int, default=24, help="prompts kept out of every training step")
     parser.add_argument("--sft-epochs", type=int, default=30,
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         paths = _setup_task(out, args)
         knobs = _setup_models(out, paths, args)
         script, config_name = ALGORITHMS[args.algo]
-        config = os.path.join(HERE, "configs", "tiny", config_name)
+        config = os.path.abspath(args.config) if args.config else os.path.join(HERE, "configs", "tiny", config_name)
         env = {**knobs, "data_path": paths["rl"], "eval_data_path": paths["heldout"], "output_dir": out,
                "exp_name": args.algo}
         if args.episodes is not None:
