@@ -564,7 +564,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller generation batch")
     parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), help="default: the device's two shapes")
-    parser.add_argument("--transports", nargs="+", default=["shm", "object_store"], choices=["shm", "object_store"])
+    parser.add_argument("--transports", nargs="+", default=None, choices=["shm", "object_store", "cuda_ipc"],
+                        help="default: shm and object_store, plus cuda_ipc on GPU")
     parser.add_argument("--trainer", choices=["auto", "megatron", "hf"], default="auto",
                         help="sync source; auto: megatron, falling back to transformers if megatron fails")
     parser.add_argument("--bucket-mb", type=int, default=None, help="runtime.coalesced_buffer_mb (default 100)")
@@ -588,6 +589,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     args.enforce_eager = args.enforce_eager or not gpu
     args.models = args.models or DEFAULT_MODELS[args.device]
+    args.transports = args.transports or (["cuda_ipc", "shm", "object_store"] if gpu else ["shm", "object_store"])
     args.bucket_mb = args.bucket_mb or 100
     args.repeats = args.repeats or (2 if args.quick else 4)
     args.batch = args.batch or ((8 if args.quick else 16) if not gpu else 64)

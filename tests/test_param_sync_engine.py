@@ -49,8 +49,8 @@ class CheckedMegatronPolicy(MegatronModule):
     """Trains with the default NLL loss on the sampled responses; checks each
     rollout first (output rank) and can corrupt one sync on purpose."""
 
-    def named_parameters_for_sync(self) -> dict[str, torch.Tensor]:
-        state = super().named_parameters_for_sync()
+    def named_parameters_for_sync(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+        state = super().named_parameters_for_sync(device)
         self._syncs = getattr(self, "_syncs", 0) + 1
         if self._syncs == int(self.model_args.get("corrupt_on_sync", 0)):
             state = dict(state)

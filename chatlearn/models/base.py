@@ -169,8 +169,9 @@ class BaseModule:
     def load_checkpoint(self, path: str) -> None:
         """Load what ``save_checkpoint`` wrote under ``path``."""
 
-    def named_parameters_for_sync(self) -> dict[str, "torch.Tensor"]:
-        """Full weights, named in Hugging Face terms, for the parameter sync."""
+    def named_parameters_for_sync(self, device: str = "cpu") -> dict[str, "torch.Tensor"]:
+        """Full weights, named in Hugging Face terms, for the parameter sync (on ``device``:
+        "cpu", or "cuda" for the GPU-to-GPU transport)."""
         raise NotImplementedError(f"{type(self).__name__} ({self.name}) cannot send weights")
 
     def load_parameters_from_sync(self, params: dict[str, "torch.Tensor"]) -> None:

@@ -55,8 +55,9 @@ class TorchModule(BaseModule):
         random.setstate(state["rng"]["python"])
 
     # -- weight sync -------------------------------------------------------------
-    def named_parameters_for_sync(self) -> dict[str, torch.Tensor]:
-        return {name: t.detach().to("cpu") for name, t in self.model.state_dict().items()}
+    def named_parameters_for_sync(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+        target = self.device if device == "cuda" else torch.device(device)
+        return {name: t.detach().to(target) for name, t in self.model.state_dict().items()}
 
     def load_parameters_from_sync(self, params: dict[str, torch.Tensor]) -> None:
         own = self.model.state_dict()

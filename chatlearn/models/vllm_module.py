@@ -523,8 +523,8 @@ class VLLMModule(BaseModule):
         return {"bytes": float(buckets.manifest_nbytes(manifest)), "load_s": max(r["load_s"] for r in loaded),
                 "reset_s": reset_s, "spill_s": spill_s, "update_s": total}
 
-    def named_parameters_for_sync(self) -> dict[str, torch.Tensor]:
-        """The engine's current weights, un-fused to HF names (see vllm_sync); TP 1 only."""
+    def named_parameters_for_sync(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """The engine's current weights, un-fused to HF names (see vllm_sync), on the host; TP 1 only."""
         self._check_in_process("reading whole weights back")
         return self.llm.collective_rpc(_worker_hf_state_dict, args=(self.tie_word_embeddings,))[0]
 

@@ -60,8 +60,10 @@ class StateDictSynchronizer(ParameterSynchronizer):
     rank writes the buckets (``runtime.coalesced_buffer_mb`` each, see
     ``chatlearn.synchronizer.buckets``) and every rank of every inference
     replica loads them concurrently. Transport: ``"shm"`` (/dev/shm files on
-    the trainer's node), ``"object_store"`` (Ray), or ``"auto"``: shm when
-    the writer and all receivers share a node, else the object store.
+    the trainer's node), ``"object_store"`` (Ray), ``"cuda_ipc"`` (GPU buffers
+    of a trainer rank on the receiver's own GPU), or ``"auto"``: cuda_ipc when
+    every receiver shares a GPU with a trainer rank, else shm when the writer
+    and all receivers share a node, else the object store.
     """
 
     def __init__(self, bucket_mb: Optional[float] = None, transport: str = "auto"):
@@ -72,7 +74,7 @@ class StateDictSynchronizer(ParameterSynchronizer):
             raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
         self.bucket_mb = bucket_mb
         self.transport = transport
-        self._resolved: dict[tuple[str, str], str] = {}
+        self._resolved: dict[tuple[str, str], tuple[str, list[int]]] = {}
 
     def bucket_bytes(self) -> int:
         mb = self.bucket_mb
@@ -82,29 +84,51 @@ class StateDictSynchronizer(ParameterSynchronizer):
             mb = get_args().runtime.coalesced_buffer_mb
         return max(1, int(float(mb) * 2**20))
 
-    def _resolve_transport(self, src: "DistModel", writer, dst: "DistModel") -> str:
-        if self.transport != "auto":
-            return self.transport
+    def _plan(self, src: "DistModel", dst: "DistModel") -> tuple[str, list[int]]:
+        """The transport, and for each receiver (``dst.workers`` order) the index in
+        ``src.workers`` of the trainer rank whose buckets it reads."""
         key = (src.name, dst.name)
-        if key not in self._resolved:
-            refs = [w.actor.address.remote() for w in [writer, *dst.workers]]
-            hosts = {addr for addr, _ in src.tracker.get(refs)}
-            # "auto" at the writer: shm, or the object store if /dev/shm is too small.
-            self._resolved[key] = "auto" if len(hosts) == 1 else buckets.OBJECT_STORE
+        if key in self._resolved:
+            return self._resolved[key]
+        output_rank = next(i for i, w in enumerate(src.workers) if w.is_output_rank)
+        transport, sources = self.transport, [output_rank] * len(dst.workers)
+        if self.transport in ("auto", buckets.CUDA_IPC):
+            workers = [*src.workers, *dst.workers]
+            found = src.tracker.get([w.actor.address.remote() for w in workers] +
+                                    [src.run_on_worker(w, "gpu_uuid", _gpu_uuid) for w in workers])
+            hosts, gpus = found[:len(workers)], found[len(workers):]
+            src_gpus, dst_gpus = gpus[:len(src.workers)], gpus[len(src.workers):]
+            # Every trainer rank holds the whole exported model: each receiver reads
+            # from a trainer rank on its own GPU, device to device.
+            shared = all(g and g in src_gpus for g in dst_gpus) and len({h for h, _ in hosts}) == 1
+            if shared:
+                transport, sources = buckets.CUDA_IPC, [src_gpus.index(g) for g in dst_gpus]
+            elif self.transport == buckets.CUDA_IPC:
+                raise ValueError(f"param sync {src.name} -> {dst.name}: transport cuda_ipc needs every "
+                                 f"receiver on a GPU that a trainer rank uses (trainer GPUs {src_gpus}, "
+                                 f"receiver GPUs {dst_gpus})")
+            else:
+                # "auto" at the writer: shm, or the object store if /dev/shm is too small.
+                transport = "auto" if len({h for h, _ in hosts}) == 1 else buckets.OBJECT_STORE
+        self._resolved[key] = (transport, sources)
         return self._resolved[key]
 
     def sync(self, src: "DistModel", dst: "DistModel") -> dict[str, float]:
         start = time.perf_counter()
-        writer = next(w for w in src.workers if w.is_output_rank)
-        transport = self._resolve_transport(src, writer, dst)
+        transport, sources = self._plan(src, dst)
+        writers = set(sources)
         channel = f"{src.name}-to-{dst.name}"
         refs = [src.run_on_worker(w, "param_sync_export", _export, self.bucket_bytes(), transport, channel,
-                                  w is writer) for w in src.workers]
+                                  i in writers) for i, w in enumerate(src.workers)]
         exported = src.tracker.get(refs)
-        manifest, export_stats = next(r for r, w in zip(exported, src.workers) if w is writer)
+        manifest, export_stats = exported[sources[0]]
         exported_at = time.perf_counter()
         # All replicas (and all ranks of each) at once.
-        loads = dst.tracker.get([dst.run_on_worker(w, "param_sync_load", _load, manifest) for w in dst.workers])
+        loads = dst.tracker.get([dst.run_on_worker(w, "param_sync_load", _load, exported[sources[i]][0])
+                                 for i, w in enumerate(dst.workers)])
+        if transport == buckets.CUDA_IPC:
+            src.tracker.get([src.run_on_worker(src.workers[i], "param_sync_release", _release, channel)
+                             for i in writers])
         end = time.perf_counter()
         sizes = [b["nbytes"] for b in manifest["buckets"]]
         nbytes = float(buckets.manifest_nbytes(manifest))
@@ -115,6 +139,7 @@ class StateDictSynchronizer(ParameterSynchronizer):
             "num_buckets": float(len(sizes)),
             "max_bucket_bytes": float(max(sizes, default=0)),
             "transport_shm": float(manifest["transport"] == buckets.SHM),
+            "transport_cuda_ipc": float(manifest["transport"] == buckets.CUDA_IPC),
             "export_s": export_stats["export_s"],
             "write_s": export_stats["write_s"],
             "export_total_s": exported_at - start,
@@ -129,12 +154,24 @@ class StateDictSynchronizer(ParameterSynchronizer):
 
 
 def _export(module, bucket_bytes: int, transport: str, channel: str, is_writer: bool):
-    """Trainer side (in each trainer rank): export, and on the writer rank write buckets."""
-    state, export_s = buckets.timed(module.named_parameters_for_sync)
+    """Trainer side (in each trainer rank): export, and on the writer ranks write buckets."""
+    if transport == buckets.CUDA_IPC:
+        state, export_s = buckets.timed(module.named_parameters_for_sync, device="cuda")
+    else:
+        state, export_s = buckets.timed(module.named_parameters_for_sync)
     if not is_writer:
         return None
+    # (cuda_ipc consumes ``state`` while packing it.)
     manifest, write_s = buckets.timed(buckets.write_buckets, state, bucket_bytes, transport, channel)
     return manifest, {"export_s": export_s, "write_s": write_s}
+
+
+def _release(module, channel: str) -> None:
+    buckets.release_cuda_ipc(channel)
+
+
+def _gpu_uuid(module) -> str:
+    return buckets.gpu_uuid()
 
 
 def _load(module, manifest: dict):

@@ -25,6 +25,14 @@ Two transports:
     reads). Works across nodes; on one node about as fast as ``shm`` once
     warm (docs/vllm.md), but unreachable from vLLM's worker processes.
 
+``cuda_ipc``
+    GPU runs where a trainer rank and the receiver share a GPU: each bucket
+    is one GPU buffer of the trainer rank, passed as a CUDA IPC handle
+    (``torch.multiprocessing.reductions.reduce_tensor``); the receiver maps it
+    and loads straight from it, device to device, with no host copy. The
+    writer keeps its buffers until the receivers report back
+    (:func:`release_cuda_ipc`).
+
 Readers stream the tensors of all buckets, bucket after bucket, into ONE
 loader call (:func:`iter_manifest`): vLLM's ``reload_weights`` must see every
 part of a fused layer (q/k/v, gate/up) in the same call (see docs/vllm.md).
@@ -47,7 +55,8 @@ import torch
 
 SHM = "shm"
 OBJECT_STORE = "object_store"
-TRANSPORTS = (SHM, OBJECT_STORE)
+CUDA_IPC = "cuda_ipc"
+TRANSPORTS = (SHM, OBJECT_STORE, CUDA_IPC)
 
 SHM_ROOT = "/dev/shm"
 # Offsets inside a bucket are aligned so that a view of any dtype is aligned.
@@ -290,14 +299,61 @@ def put_object_store(state: Mapping[str, torch.Tensor], bucket_bytes: int) -> di
     return {"transport": OBJECT_STORE, "buckets": buckets}
 
 
+# Writer-side GPU buckets per channel, alive until the receivers have loaded them:
+# an IPC handle only maps memory that its producer still holds.
+_IPC_BUFFERS: dict[str, list[torch.Tensor]] = {}
+
+
+def gpu_uuid() -> str:
+    """This process's current GPU ("" without one): who can open whose CUDA IPC handles."""
+    if not torch.cuda.is_available():
+        return ""
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+
+def put_cuda_ipc(state: dict[str, torch.Tensor], bucket_bytes: int, channel: str) -> dict[str, Any]:
+    """Pack GPU tensors into GPU buckets and describe them by CUDA IPC handles.
+
+    Tensors are taken out of ``state`` as they are packed, so the peak is one
+    model plus one bucket, not two models.
+    """
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    release_cuda_ipc(channel)
+    plan = plan_buckets(state, bucket_bytes)
+    device = next(iter(state.values())).device
+    if device.type != "cuda":
+        raise ValueError(f"the cuda_ipc weight sync needs GPU tensors, got them on {device}")
+    kept = []
+    for bucket in plan:
+        buf = torch.empty(max(bucket["nbytes"], 1), dtype=torch.uint8, device=device)
+        for entry in bucket["tensors"]:
+            tensor = state.pop(entry[_NAME]).detach().contiguous()
+            buf[entry[_OFFSET]:entry[_OFFSET] + entry[_NBYTES]].copy_(tensor.reshape(-1).view(torch.uint8))
+        bucket["ipc"] = reduce_tensor(buf)
+        kept.append(buf)
+    torch.cuda.synchronize(device)  # every copy lands before a receiver reads
+    _IPC_BUFFERS[channel] = kept
+    return {"transport": CUDA_IPC, "gpu": gpu_uuid(), "buckets": plan}
+
+
+def release_cuda_ipc(channel: str) -> None:
+    """Free the writer's buckets of ``channel`` (once every receiver has loaded them)."""
+    if _IPC_BUFFERS.pop(channel, None) is not None:
+        torch.cuda.empty_cache()
+
+
 def write_buckets(state: Mapping[str, torch.Tensor], bucket_bytes: int, transport: str,
                   channel: str = "default") -> dict[str, Any]:
-    """Write ``state`` with ``transport`` (``"shm"``, ``"object_store"``, or ``"auto"``:
-    shm, falling back to the object store when /dev/shm is too small)."""
+    """Write ``state`` with ``transport`` (``"shm"``, ``"object_store"``, ``"cuda_ipc"``, or
+    ``"auto"``: shm, falling back to the object store when /dev/shm is too small)."""
     if transport not in TRANSPORTS + ("auto",):
         raise ValueError(f"unknown weight-sync transport {transport!r}; expected one of {TRANSPORTS} or 'auto'")
     if transport == OBJECT_STORE:
         return put_object_store(state, bucket_bytes)
+    if transport == CUDA_IPC:
+        # Hand the dict over (put_cuda_ipc empties it as it packs): one model in GPU memory, not two.
+        return put_cuda_ipc(state if isinstance(state, dict) else dict(state), bucket_bytes, channel)
     try:
         return shm_pool(channel).write(state, bucket_bytes)
     except ShmSpaceError as err:
@@ -351,6 +407,9 @@ def forget_mappings() -> None:
 def _bucket_buffer(bucket: Mapping[str, Any], transport: str) -> Any:
     if transport == SHM:
         return _shm_buffer(bucket["path"], bucket["nbytes"])
+    if transport == CUDA_IPC:
+        rebuild, args = bucket["ipc"]
+        return rebuild(*args)
     import ray
 
     return ray.get(bucket["ref"])
@@ -365,10 +424,13 @@ def iter_manifest(manifest: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tens
     transport = manifest["transport"]
     if transport == SHM:
         _forget_other_mappings(manifest)
+    if transport == CUDA_IPC and manifest["gpu"] != gpu_uuid():
+        raise RuntimeError(f"cuda_ipc weight sync: the buckets live on GPU {manifest['gpu']}, this process "
+                           f"runs on {gpu_uuid() or 'no GPU'}")
     for bucket in manifest["buckets"]:
         buffer = _bucket_buffer(bucket, transport)
         for i, entry in enumerate(bucket["tensors"]):
-            if transport == SHM:
+            if transport in (SHM, CUDA_IPC):
                 yield entry[_NAME], _view(buffer, entry)
             else:
                 with warnings.catch_warnings():

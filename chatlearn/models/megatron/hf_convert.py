@@ -363,8 +363,9 @@ def _gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
     return shards
 
 
-def export_stage_hf_state_dict(model: torch.nn.Module, hf_config: Union[dict, Any]) -> dict[str, torch.Tensor]:
-    """Full HF tensors of this rank's pipeline stage (collective over the TP group)."""
+def export_stage_hf_state_dict(model: torch.nn.Module, hf_config: Union[dict, Any],
+                               device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
+    """Full HF tensors of this rank's pipeline stage (collective over the TP group), on ``device``."""
     arch = hf_arch(hf_config)
     out: dict[str, torch.Tensor] = {}
     for name, _, value, rule, fmt in local_param_rules(model, arch):
@@ -372,34 +373,35 @@ def export_stage_hf_state_dict(model: torch.nn.Module, hf_config: Union[dict, An
         if not _exported(rule, arch):
             continue
         for key, full in zip(rule.hf, LAYOUTS[rule.layout].unshard(shards, arch)):
-            out[key.format(**fmt)] = full.to("cpu").contiguous()
+            out[key.format(**fmt)] = full.to(device).contiguous()
     return out
 
 
-def export_hf_state_dict(model: torch.nn.Module, hf_config: Union[dict, Any]) -> dict[str, torch.Tensor]:
+def export_hf_state_dict(model: torch.nn.Module, hf_config: Union[dict, Any],
+                         device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
     """The full model as a HF state dict, on every rank (collective over TP and PP).
 
     Each stage gathers its TP shards, then every stage broadcasts its tensors
     over the pipeline group in stage order, so all ranks return the same
-    dict (CPU tensors, in the model's dtype, sorted by name).
+    dict (tensors on ``device``, in the model's dtype, sorted by name).
     """
     from megatron.core import parallel_state as ps
 
-    out = export_stage_hf_state_dict(model, hf_config)
+    out = export_stage_hf_state_dict(model, hf_config, device)
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp > 1:
         group = ps.get_pipeline_model_parallel_group()
         my_stage = ps.get_pipeline_model_parallel_rank()
-        device = _comm_device()
+        comm = _comm_device()
         merged: dict[str, torch.Tensor] = {}
         for stage in range(pp):
             src = dist.get_global_rank(group, stage)
             meta = [[(k, tuple(t.shape), t.dtype) for k, t in out.items()] if stage == my_stage else None]
-            dist.broadcast_object_list(meta, src=src, group=group, device=device)
+            dist.broadcast_object_list(meta, src=src, group=group, device=comm)
             for key, shape, dtype in meta[0]:
-                buf = out[key].to(device) if stage == my_stage else torch.empty(shape, dtype=dtype, device=device)
+                buf = out[key].to(comm) if stage == my_stage else torch.empty(shape, dtype=dtype, device=comm)
                 dist.broadcast(buf, src=src, group=group)
-                merged[key] = buf.to("cpu")
+                merged[key] = buf.to(device)
         out = merged
     return dict(sorted(out.items()))
 

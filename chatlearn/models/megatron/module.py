@@ -263,9 +263,11 @@ class MegatronModule(BaseModule):
 
         return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
-    def named_parameters_for_sync(self) -> dict[str, torch.Tensor]:
-        """Full HF-named weights on every rank (collective over TP and PP)."""
-        return export_hf_state_dict(self.model, self.hf_config)
+    def named_parameters_for_sync(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """Full HF-named weights on every rank (collective over TP and PP), on the host
+        or (``device="cuda"``) left on this rank's GPU."""
+        return export_hf_state_dict(self.model, self.hf_config,
+                                    device=platform.torch_device() if device == "cuda" else torch.device(device))
 
     def load_parameters_from_sync(self, params: dict[str, torch.Tensor]) -> None:
         load_hf_weights(self.model, self.hf_config, params)
