@@ -70,7 +70,25 @@ class RLHFEngine(Engine):
         self.set_parameter_sync(ppo_value, value)
 
 
-class GRPOEngine(Engine):
+class _CriticFreeEngine(Engine):
+    """The dataflow GRPO and online DPO share: policy -> reference -> reward, the
+    algorithm's rollout processor in the driver, ppo_policy trains, sync to policy."""
+
+    def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, ppo_policy: BaseModule,
+                 evaluator: Optional[Evaluator], processor):
+        def env_flow(batch):
+            policy_out = policy.forward_step(batch)
+            ref_out = reference.forward_step(policy_out)
+            return reward.forward_step(policy_out, ref_out)
+
+        def trainer_flow(batch):
+            ppo_policy.train_step(batch)
+
+        super().__init__(Environment(env_flow), Trainer(trainer_flow), evaluator, rollout_processor=processor)
+        self.set_parameter_sync(ppo_policy, policy)
+
+
+class GRPOEngine(_CriticFreeEngine):
     """GRPO: no value model; ``n`` responses per prompt scored and normalised within their group.
 
         environment: policy (n samples per prompt) -> reference -> reward
@@ -82,21 +100,11 @@ class GRPOEngine(Engine):
     def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, ppo_policy: BaseModule,
                  evaluator: Optional[Evaluator] = None):
         _require_dynamic("GRPOEngine", "each prompt yields n responses")
-
-        def env_flow(batch):
-            policy_out = policy.forward_step(batch)
-            ref_out = reference.forward_step(policy_out)
-            return reward.forward_step(policy_out, ref_out)
-
-        def trainer_flow(batch):
-            ppo_policy.train_step(batch)
-
         processor = GRPORollouts(config_from_args(GRPOConfig, _trainer_args(ppo_policy)), _samples_per_prompt(policy))
-        super().__init__(Environment(env_flow), Trainer(trainer_flow), evaluator, rollout_processor=processor)
-        self.set_parameter_sync(ppo_policy, policy)
+        super().__init__(policy, reference, reward, ppo_policy, evaluator, processor)
 
 
-class OnlineDPOEngine(Engine):
+class OnlineDPOEngine(_CriticFreeEngine):
     """Online DPO: two on-policy responses per prompt, ranked by the reward, DPO loss.
 
         environment: policy (n: 2) -> reference -> reward
@@ -112,15 +120,5 @@ class OnlineDPOEngine(Engine):
         if n != 2:
             raise ValueError(f"{get_args().config_path or 'config'}: models.{policy.name} `n`: online DPO "
                              f"samples 2 responses per prompt, got n={n}")
-
-        def env_flow(batch):
-            policy_out = policy.forward_step(batch)
-            ref_out = reference.forward_step(policy_out)
-            return reward.forward_step(policy_out, ref_out)
-
-        def trainer_flow(batch):
-            ppo_policy.train_step(batch)
-
-        super().__init__(Environment(env_flow), Trainer(trainer_flow), evaluator,
-                         rollout_processor=DPOPairs(config_from_args(DPOConfig, _trainer_args(ppo_policy))))
-        self.set_parameter_sync(ppo_policy, policy)
+        processor = DPOPairs(config_from_args(DPOConfig, _trainer_args(ppo_policy)))
+        super().__init__(policy, reference, reward, ppo_policy, evaluator, processor)

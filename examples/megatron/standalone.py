@@ -6,6 +6,7 @@ data-parallel share as micro-batches, and returns the logged metrics.
 """
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 from typing import Any, Callable, Optional
@@ -21,6 +22,23 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
         fn(0, 1, *args)
     else:
         spawn(fn, nproc, *args)
+
+
+def training_parser(description: str, data_help: str, epochs: int, lr: float) -> argparse.ArgumentParser:
+    """The command line the standalone training scripts share (their own options are added after)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--load", required=True, help="Hugging Face checkpoint directory to start from")
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--save", required=True, help="output Hugging Face checkpoint directory")
+    p.add_argument("--nproc", type=int, default=1, help="ranks: TP x PP x DP")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    return p
 
 
 def fit(module, samples: list[dict], *, epochs: int, global_batch_size: int, micro_batch_size: int,

@@ -22,16 +22,17 @@ from models import GRPOTrainer, PolicyInference, PolicyReference, RewardInferenc
 from train_rlhf import build_evaluator  # noqa: E402
 
 
-def main() -> list[dict]:
+def main(engine_cls=GRPOEngine, trainer_cls=GRPOTrainer) -> list[dict]:
+    """Also the online-DPO recipe (train_online_dpo.py): the same four roles, another engine and trainer."""
     chatlearn.init()
     args = chatlearn.get_args()
     policy = PolicyInference("policy")
     reference = PolicyReference("reference")
     reward = RewardInference("reward")
-    trainer = GRPOTrainer("ppo_policy")
+    trainer = trainer_cls("ppo_policy")
 
     evaluator = build_evaluator(policy, reward, args.runtime.eval_data_path)
-    engine = GRPOEngine(policy, reference, reward, trainer, evaluator=evaluator)
+    engine = engine_cls(policy, reference, reward, trainer, evaluator=evaluator)
     engine.set_dataset(read_jsonl(args.runtime.data_path))
     return engine.learn()
 

@@ -14,25 +14,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import chatlearn  # noqa: E402
 from chatlearn import OnlineDPOEngine  # noqa: E402
-from chatlearn.data.prompts import read_jsonl  # noqa: E402
-from models import DPOTrainer, PolicyInference, PolicyReference, RewardInference  # noqa: E402
-from train_rlhf import build_evaluator  # noqa: E402
+from models import DPOTrainer  # noqa: E402
+from train_grpo import main as run_critic_free  # noqa: E402
 
 
 def main() -> list[dict]:
-    chatlearn.init()
-    args = chatlearn.get_args()
-    policy = PolicyInference("policy")
-    reference = PolicyReference("reference")
-    reward = RewardInference("reward")
-    trainer = DPOTrainer("ppo_policy")
-
-    evaluator = build_evaluator(policy, reward, args.runtime.eval_data_path)
-    engine = OnlineDPOEngine(policy, reference, reward, trainer, evaluator=evaluator)
-    engine.set_dataset(read_jsonl(args.runtime.data_path))
-    return engine.learn()
+    return run_critic_free(OnlineDPOEngine, DPOTrainer)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from standalone import fit, launch  # noqa: E402
+from standalone import fit, launch, training_parser  # noqa: E402
 from train_sft import tokenize  # noqa: E402
 
 from chatlearn.algorithms.core import last_token_index  # noqa: E402
@@ -111,19 +111,8 @@ def _train(rank: int, world: int, args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--load", required=True, help="reward-model or causal-LM Hugging Face checkpoint")
-    p.add_argument("--data", required=True, help="JSON lines with prompt, chosen, rejected")
-    p.add_argument("--save", required=True, help="output Hugging Face checkpoint directory")
+    p = training_parser(__doc__.split("\n")[0], "JSON lines with prompt, chosen, rejected", epochs=8, lr=1e-3)
     p.add_argument("--eval-data", default=None, help="held-out pairs: report the pair accuracy after training")
-    p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--global-batch", type=int, default=32)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 

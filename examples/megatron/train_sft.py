@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from standalone import fit, launch  # noqa: E402
+from standalone import fit, launch, training_parser  # noqa: E402
 
 from chatlearn.data.prompts import read_jsonl  # noqa: E402
 
@@ -53,19 +53,8 @@ def _train(rank: int, world: int, args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--load", required=True, help="Hugging Face checkpoint directory to start from")
-    p.add_argument("--data", required=True, help="JSON lines with prompt and response")
-    p.add_argument("--save", required=True, help="output Hugging Face checkpoint directory")
-    p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--global-batch", type=int, default=32)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return training_parser(__doc__.split("\n")[0], "JSON lines with prompt and response", epochs=3,
+                           lr=1e-3).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
