@@ -169,3 +169,20 @@ def _checkpoint_errors_worker(rank: int, world: int, llama: str, qwen2: str, roo
 
 def test_checkpoint_of_another_model_or_missing_fails_clearly(models, tmp_path):
     spawn(_checkpoint_errors_worker, 1, models["llama"], models["qwen2"], str(tmp_path))
+
+
+def test_score_checkpoint_from_causal_lm_keeps_the_backbone(models, tmp_path):
+    """make_score_checkpoint: a reward/value model that transformers loads, same hidden states."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from chatlearn.models.megatron.hf_convert import make_score_checkpoint
+    from chatlearn.models.megatron.model import hf_arch
+
+    out = make_score_checkpoint(models["qwen2"], tmp_path / "score", seed=3)
+    assert hf_arch(load_hf_config(out)).num_labels == 1
+    causal = AutoModelForCausalLM.from_pretrained(models["qwen2"], dtype=torch.float32)
+    score = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        assert torch.equal(causal.model(ids).last_hidden_state, score.model(ids).last_hidden_state)
+        assert score(ids).logits.shape == (1, 1)
