@@ -45,6 +45,16 @@ def build_checkpoint(out_dir: str, shape: dict) -> str:
     return out_dir
 
 
+def benchmark_model(workdir: str, quick: bool) -> tuple[str, str]:
+    """``(model_dir, name)``: the tiny test model with ``quick``, else a Qwen2-0.5B-shaped checkpoint."""
+    os.makedirs(workdir, exist_ok=True)
+    if quick:
+        from chatlearn.utils.tiny_assets import ensure_tiny_assets
+
+        return str(ensure_tiny_assets(os.path.join(workdir, "assets"), seed=1, arch="qwen2").model_dir), "tiny qwen2"
+    return build_checkpoint(os.path.join(workdir, "qwen2-0.5b-shape"), QWEN2_05B), "Qwen2-0.5B shape"
+
+
 def _worker(rank: int, world: int, model_dir: str, args: argparse.Namespace, out_file: str) -> None:
     from megatron.core import parallel_state as ps
 
@@ -107,15 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--device gpu needs a CUDA device")
     nproc = args.nproc or args.tp
 
-    os.makedirs(args.workdir, exist_ok=True)
+    model_dir, shape_name = benchmark_model(args.workdir, args.quick)
     if args.quick:
-        from chatlearn.utils.tiny_assets import ensure_tiny_assets
-
-        model_dir = str(ensure_tiny_assets(os.path.join(args.workdir, "assets"), seed=1, arch="qwen2").model_dir)
-        args.seq_len, shape_name = min(args.seq_len, 128), "tiny qwen2"
-    else:
-        model_dir = build_checkpoint(os.path.join(args.workdir, "qwen2-0.5b-shape"), QWEN2_05B)
-        shape_name = "Qwen2-0.5B shape"
+        args.seq_len = min(args.seq_len, 128)
     out_file = os.path.join(args.workdir, "megatron_train_result.json")
 
     from chatlearn.utils.launch import spawn

@@ -7,8 +7,8 @@ actors with ``DistModel`` (the engine's own placement and workers), then
 measures ``StateDictSynchronizer.sync`` per transport:
 
 * total sync time (driver wall clock) and its parts: trainer export
-  (``named_parameters_for_sync``), bucket write, vLLM load (``reload_weights``
-  streaming the buckets) and prefix-cache reset;
+  (``named_parameters_for_sync``), bucket write, vLLM load (the policy's
+  ``weight_loader``, streaming the buckets) and prefix-cache reset;
 * GB/s of the HF state dict moved, and the ratio to a floor measured in the
   same run: one copy of the same number of bytes (memcpy into warm memory on
   CPU; a device-to-device copy on GPU);
@@ -160,7 +160,7 @@ def trainer_module(kind: str):
 
 class Runtime:
     def __init__(self, device: str, model_dir: Path, work: Path, trainer: str, bucket_mb: int, new_tokens: int,
-                 prompt_len: int, enforce_eager: bool):
+                 prompt_len: int, enforce_eager: bool, weight_loader: str = "auto"):
         self.device = device
         self.model_dir = model_dir
         self.work = work
@@ -169,6 +169,7 @@ class Runtime:
         self.max_len = prompt_len + new_tokens + 8
         self.new_tokens = new_tokens
         self.enforce_eager = enforce_eager
+        self.weight_loader = weight_loader
         self.dist: dict[str, Any] = {}
         self.pg = None
 
@@ -181,6 +182,7 @@ class Runtime:
             "load": str(self.model_dir), "max_model_len": self.max_len, "dtype": dtype,
             "enforce_eager": self.enforce_eager, "temperature": 0.0, "ignore_eos": True,
             "new_token_limit": True, "max_new_tokens": self.new_tokens, "seed": 0,
+            "weight_loader": self.weight_loader,
         }
         if gpu:
             # The stripped vLLM of the lent GPU machines has no FlashAttention (PLATFORM.md).
@@ -484,7 +486,7 @@ def write_results_md(path: Path, device: str, report: dict[str, Any], sync_table
         "",
         "Sync = `StateDictSynchronizer.sync` from a Megatron trainer (TP1) into one vLLM replica "
         "(driver wall clock; median of the warm repeats). Parts: trainer export "
-        "(`named_parameters_for_sync`), bucket write, vLLM `reload_weights` (streaming all buckets, "
+        "(`named_parameters_for_sync`), bucket write, vLLM load (`weight_loader`; auto: `load_weights` on GPU, `reload_weights` on CPU; streaming all buckets, "
         "reading included), prefix-cache reset. Floor = one copy of the same bytes in the same run "
         + ("(device-to-device)." if device == "gpu" else "(memcpy into warm memory). "
            "`cold sync s` is the first sync (bucket files created).")
@@ -515,6 +517,26 @@ def write_results_md(path: Path, device: str, report: dict[str, Any], sync_table
 # Main
 # ---------------------------------------------------------------------------
 
+def _start_runtime(args, model_dir: Path, work: Path, loader: str, result: dict[str, Any]) -> "Runtime":
+    trainer = args.trainer if args.trainer != "auto" else "megatron"
+    for attempt in (trainer, "hf"):
+        runtime = Runtime(args.device, model_dir, work, attempt, args.bucket_mb, args.new_tokens, args.prompt_len,
+                          args.enforce_eager, loader)
+        try:
+            runtime.start()
+            runtime.probe_export()
+            result["trainer"] = f"{attempt} TP1"
+            return runtime
+        except Exception as err:  # noqa: BLE001
+            runtime.stop()
+            if args.trainer != "auto" or attempt == "hf":
+                raise
+            # Record why and measure with the transformers trainer rather than nothing.
+            result["trainer_fallback_reason"] = f"{type(err).__name__}: {str(err)[-2000:]}"
+            print(f"  megatron trainer failed, falling back to the transformers trainer:\n{err}", flush=True)
+    raise AssertionError("unreachable")
+
+
 def bench_model(args, name: str, work: Path) -> dict[str, Any]:
     gpu = args.device == "gpu"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -525,31 +547,21 @@ def bench_model(args, name: str, work: Path) -> dict[str, Any]:
     prompts = torch.randint(4, SHAPES[name]["vocab"], (args.batch, args.prompt_len), generator=gen).tolist()
     result: dict[str, Any] = {"model": name, "params": params, "bytes": nbytes, "dtype": str(dtype),
                               "shape": SHAPES[name]}
-    trainer = args.trainer if args.trainer != "auto" else "megatron"
-    runtime = None
-    for attempt in (trainer, "hf"):
-        runtime = Runtime(args.device, model_dir, work, attempt, args.bucket_mb, args.new_tokens, args.prompt_len,
-                          args.enforce_eager)
+    result["sync"], result["sync_errors"] = {}, {}
+    vllm = None
+    # Several weight loaders: one engine each, one after the other in this run.
+    for loader in args.weight_loaders:
+        runtime = _start_runtime(args, model_dir, work, loader, result)
         try:
-            runtime.start()
-            runtime.probe_export()
-            result["trainer"] = f"{attempt} TP1"
-            break
-        except Exception as err:  # noqa: BLE001
+            synced, errors = runtime.sync(args.transports, args.repeats)
+            label = (lambda t: f"{t} ({loader})") if len(args.weight_loaders) > 1 else (lambda t: t)
+            result["sync"].update({label(t): s for t, s in synced.items()})
+            result["sync_errors"].update({label(t): e for t, e in errors.items()})
+            vllm = vllm or runtime.vllm_generate(prompts)
+        finally:
             runtime.stop()
-            if args.trainer != "auto" or attempt == "hf":
-                raise
-            # The Megatron GPU path (bf16, Float16Module) has not run on a GPU yet:
-            # record why and measure with the transformers trainer rather than nothing.
-            result["trainer_fallback_reason"] = f"{type(err).__name__}: {str(err)[-2000:]}"
-            print(f"  megatron trainer failed, falling back to the transformers trainer:\n{err}", flush=True)
-    try:
-        result["sync"], errors = runtime.sync(args.transports, args.repeats)
-        if errors:
-            result["sync_errors"] = errors
-        vllm = runtime.vllm_generate(prompts)
-    finally:
-        runtime.stop()
+    if not result["sync_errors"]:
+        del result["sync_errors"]
     hf = hf_generate(model_dir, prompts, args.new_tokens, args.device)
     result["generate"] = {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                           "vllm": vllm, "hf": hf}
@@ -574,6 +586,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--enforce-eager", action="store_true", help="GPU: skip vLLM's compile and CUDA graphs")
+    parser.add_argument("--weight-loaders", nargs="+", default=["auto"],
+                        choices=["auto", "reload_weights", "load_weights"],
+                        help="the policy's weight_loader; several: measured one after the other in this run")
     parser.add_argument("--work-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "chatlearn-bench"))
     parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--fresh", action="store_true",

@@ -178,6 +178,7 @@ def test_vllm_keys_are_checked_and_left_untouched(tmp_path):
         prompt_logprobs: null
         use_beam_search: 1
         max_new_tokens: 0
+        weight_loader: load_weight
         my_megatron_arg: anything
         """}
     text = OK_MODELS.replace("num_cpu: 2\n  ppo", "num_cpu: 2\n    model_config_file: gen.yaml\n  ppo")
@@ -192,6 +193,7 @@ def test_vllm_keys_are_checked_and_left_untouched(tmp_path):
         f"{key}.gpu_memory_utilization: expected a value in (0, 1], got 0",
         f"{key}.use_beam_search: expected bool, got 1 (int)",
         f"{key}.max_new_tokens: expected >= 1, got 0",
+        f"{key}.weight_loader: expected one of 'auto', 'reload_weights', 'load_weights', got 'load_weight'",
     ]
     (tmp_path / "gen.yaml").write_text("top_p: 1\ntemperature: 0\nmy_arg: x\n")
     cfg = load_config(tmp_path / "rlhf.yaml")

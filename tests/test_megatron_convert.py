@@ -8,46 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 
 import pytest
 import torch
 
+from chatlearn.utils.launch import spawn
 from chatlearn.utils.tiny_assets import ensure_tiny_assets
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (tp, pp); DP fills the rest of the 4-rank world
 WORLD = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, nprocs: int, *args) -> None:
-    """Run ``fn(rank, world, port, *args)`` in ``nprocs`` gloo processes; a child's exception fails the test."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_entry, args=(fn, nprocs, free_port(), args), nprocs=nprocs, join=True)
-
-
-def _entry(rank: int, fn, world: int, port: int, args) -> None:
-    import warnings
-
-    import torch.distributed as dist
-
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)  # 4 ranks share 2 cores
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        from chatlearn.models.megatron.parallel import destroy_parallel_state
-
-        destroy_parallel_state()
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

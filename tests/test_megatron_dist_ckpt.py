@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from chatlearn.models.megatron.module import MegatronModule, MegatronSettings
+from chatlearn.utils.launch import spawn
 from chatlearn.utils.tiny_assets import ensure_tiny_assets
-from tests.test_megatron_convert import build_score_model, spawn
+from tests.test_megatron_convert import build_score_model
 from tests.test_megatron_module import _data, _module
 
 OPTIMIZERS = {

@@ -12,7 +12,7 @@ import torch
 from chatlearn.models.megatron.model import load_hf_config, transformer_config_from_hf
 from chatlearn.models.megatron.module import MegatronModule, MegatronSettings
 from chatlearn.utils.tiny_assets import ensure_tiny_assets
-from tests.test_megatron_convert import spawn
+from chatlearn.utils.launch import spawn
 
 
 @pytest.fixture(scope="module")

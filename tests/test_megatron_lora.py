@@ -6,7 +6,8 @@ import os
 import torch
 
 from chatlearn.utils.tiny_assets import ensure_tiny_assets
-from tests.test_megatron_convert import hf_logits, spawn
+from chatlearn.utils.launch import spawn
+from tests.test_megatron_convert import hf_logits
 from tests.test_megatron_module import _data, _hf_weight, _module
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from chatlearn.utils.tiny_assets import ensure_tiny_assets
-from tests.test_megatron_convert import hf_logits, spawn
+from chatlearn.utils.launch import spawn
+from tests.test_megatron_convert import hf_logits
 
 
 @pytest.fixture(scope="module")

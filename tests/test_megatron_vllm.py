@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chatlearn.utils.tiny_assets import ensure_tiny_assets
-from tests.test_megatron_convert import spawn
+from chatlearn.utils.launch import spawn
 from tests.test_megatron_module import _data, _module
 
 

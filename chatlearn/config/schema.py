@@ -60,7 +60,7 @@ class ModelConfig:
     generation_batch_size: int = -1
     # Sync weights from this model's trainer every N episodes.
     sync_frequency: int = 1
-    # Offload weights/optimizer/grad buffers when the model is idle.
+    # Offload weights/optimizer/grad buffers (vLLM: sleep) while the model is idle (GPU runs).
     free_memory: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     batch_generation: BatchGenerationConfig = field(default_factory=BatchGenerationConfig)
@@ -144,6 +144,9 @@ class ChatLearnConfig:
         return self.runtime_env
 
 
+WEIGHT_LOADERS = ("auto", "reload_weights", "load_weights")
+
+
 @dataclass
 class VLLMArgs:
     """vLLM sampling and engine keys, with ChatLearn's names.
@@ -175,3 +178,7 @@ class VLLMArgs:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     tokenizer: Optional[str] = None
+    # How a weight sync enters the engine: vLLM's reload_weights (re-runs the loader's
+    # post-processing: needed on CPU, where weights are repacked, and for quantized models)
+    # or the model's load_weights (copies in place, faster); auto: load_weights on GPU.
+    weight_loader: str = "auto"

@@ -31,6 +31,7 @@ from chatlearn.config.schema import (
     ModelConfig,
     RuntimeConfig,
     RuntimeEnvConfig,
+    WEIGHT_LOADERS,
     VLLMArgs,
 )
 
@@ -130,6 +131,7 @@ _RULES: dict[type, dict[str, list[Rule]]] = {
         "max_paddings": [_at_least(0)],
         "block_size": [_at_least(1)],
         "gpu_memory_utilization": [_within(0, 1, lo_open=True)],
+        "weight_loader": [_one_of(*WEIGHT_LOADERS)],
     },
 }
 

