@@ -62,6 +62,12 @@ class CheckedMegatronPolicy(MegatronModule):
         # What the trainer really holds (not what a corrupted sync sent).
         return vllm_sync.checksums(super().named_parameters_for_sync())
 
+    def offload(self) -> None:
+        super().offload()
+        # Counted only when the storages really went (CHATLEARN_OFFLOAD_ON_CPU on CPU).
+        if self._host.offloaded:
+            self._offloads = getattr(self, "_offloads", 0) + 1
+
     def train_step(self, data_list: list[dict], iteration: int):
         (micro,) = data_list
         check_dir = self.model_args["check_dir"]
@@ -71,6 +77,7 @@ class CheckedMegatronPolicy(MegatronModule):
         if self.is_output_rank():
             previous = os.path.join(check_dir, f"export-{iteration - 1}") if iteration else None
             record = check_rollout(micro, export, previous, own["logprobs"])
+            record["offloads"] = getattr(self, "_offloads", 0)
             with open(os.path.join(check_dir, "checks.jsonl"), "a") as f:
                 f.write(json.dumps({"iteration": iteration, **record}) + "\n")
         return super().train_step(data_list, iteration)
@@ -131,16 +138,20 @@ def make_prompts(model_dir: str, n: int = 8) -> list[dict]:
 
 
 def write_config(tmp_path, model_dir: str, tp: int, pp: int, vllm_tp: int, vllm_replicas: int,
-                 num_episode: int, corrupt_on_sync: int = 0) -> str:
+                 num_episode: int, corrupt_on_sync: int = 0, free_memory: bool = False) -> str:
     check_dir = tmp_path / "checks"
     check_dir.mkdir()
     config = {
-        "runtime_env": {"platform": "local"},
+        # free_memory: the trainer's offload runs on CPU too (it frees nothing there, but every
+        # weight and gradient storage makes the round trip between the phases).
+        "runtime_env": {"platform": "local", "env_vars": {"CHATLEARN_OFFLOAD_ON_CPU": "1"} if free_memory else {}},
         "models": {
-            "policy": {"num_cpu": vllm_tp * vllm_replicas, "tensor_model_parallel_size": vllm_tp, "args_dict": {
+            "policy": {"num_cpu": vllm_tp * vllm_replicas, "tensor_model_parallel_size": vllm_tp,
+                       "free_memory": free_memory, "args_dict": {
                 "load": model_dir, "max_model_len": 256, "kv_cache_memory_bytes": 32 * 2**20,
                 "temperature": 0.0, "new_token_limit": True, "max_new_tokens": MAX_NEW}},
             "ppo_policy": {"num_cpu": tp * pp, "trainable": True, "tensor_model_parallel_size": tp,
+                           "free_memory": free_memory,
                            "pipeline_model_parallel_size": pp, "args_dict": {
                                "load": model_dir, "optimizer": "sgd", "lr": 0.05, "clip_grad": 0.0,
                                "pad_token_id": PAD_ID, "check_dir": str(check_dir),
@@ -245,6 +256,20 @@ def test_megatron_layouts_sync_into_two_vllm_replicas(ray_session, tmp_path, req
     for metrics in history:
         assert_bucketed(metrics, replicas=2)
     assert_rollouts_match_trainer(read_checks(config), episodes=3)
+
+
+@pytest.mark.slow
+def test_megatron_offloaded_between_phases_still_syncs_exactly(ray_session, tmp_path, model_dir):
+    """free_memory on both models: the trainer's weights and grad buffer leave and come back
+    around every rollout (and vLLM's offload is a no-op on CPU); every check still holds."""
+    config = write_config(tmp_path, model_dir, tp=2, pp=1, vllm_tp=1, vllm_replicas=2, num_episode=3,
+                          free_memory=True)
+    history = run_engine(config, model_dir).learn()
+    assert len(history) == 3
+    checks = read_checks(config)
+    assert_rollouts_match_trainer(checks, episodes=3)
+    # Offloaded for each episode's rollout, before the train step that wrote the check.
+    assert [c["offloads"] for c in checks] == [1, 2, 3]
 
 
 @pytest.mark.slow
