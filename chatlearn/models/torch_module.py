@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from chatlearn.models.base import BaseModule
-from chatlearn.models.offload import HostOffload, offload_target_available, optimizer_tensors
+from chatlearn.models.offload import HostOffload, model_tensors, offload_target_available
 from chatlearn.utils import platform
 
 
@@ -85,14 +85,8 @@ class TorchModule(BaseModule):
         (chatlearn/models/offload.py); on CPU nothing to do."""
         if self.model is None or not offload_target_available():
             return
-        keep = list(self.model.parameters()) + list(self.model.buffers())
-        drop = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self.optimizer is not None:
-            opt_keep, opt_drop = optimizer_tensors(self.optimizer)
-            keep += opt_keep
-            drop += opt_drop
         self._host = self._host or HostOffload()  # made here: subclasses need not call an __init__
-        self._host.offload(keep, drop)
+        self._host.offload(*model_tensors(self.model, [self.optimizer] if self.optimizer is not None else []))
 
     def onload(self) -> None:
         if self._host is not None:

@@ -182,29 +182,35 @@ def with_tied_lm_head(weights: Iterator[tuple[str, torch.Tensor]],
             yield "lm_head.weight", tensor
 
 
-@torch.no_grad()
-def read_hf_state_dict(model: torch.nn.Module, tie_word_embeddings: bool = False) -> dict[str, torch.Tensor]:
-    """The vLLM model's current weights, un-fused to HF names and shapes (CPU copies)."""
-    out: dict[str, torch.Tensor] = {}
+def _slot_tensors(model: torch.nn.Module, **slot_args: Any) -> Iterator[tuple[HFSlot, torch.Tensor]]:
+    """Each HF slot with its rows of the tensor the engine computes with (a view; each
+    fused parameter is read once for all the HF tensors packed into it)."""
     cache: dict[tuple[int, str], torch.Tensor] = {}
-    for slot in hf_slots(model, allow_tp=False):
+    for slot in hf_slots(model, **slot_args):
         key = (id(slot.module), slot.param_name)
         if key not in cache:
             cache[key] = _engine_tensor(slot.module, slot.param_name)
-        out[slot.hf_name] = cache[key][slot.row_start:slot.row_start + slot.rows].to("cpu").clone()
+        yield slot, cache[key][slot.row_start:slot.row_start + slot.rows]
+
+
+def _alias_tied_head(out: dict[str, Any], tie_word_embeddings: bool) -> dict[str, Any]:
+    """vLLM shares one parameter for tied embeddings; HF state dicts list both names."""
     if tie_word_embeddings and "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
-        # vLLM shares one parameter for tied embeddings; HF state dicts list both names.
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
+
+
+@torch.no_grad()
+def read_hf_state_dict(model: torch.nn.Module, tie_word_embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """The vLLM model's current weights, un-fused to HF names and shapes (CPU copies)."""
+    out = {slot.hf_name: part.to("cpu").clone() for slot, part in _slot_tensors(model, allow_tp=False)}
+    return _alias_tied_head(out, tie_word_embeddings)
 
 
 def hf_shapes(model: torch.nn.Module, tie_word_embeddings: bool = False) -> dict[str, tuple[int, ...]]:
     """HF names and whole-tensor shapes the model accepts, without reading any weight
     (the same on every tensor-parallel rank)."""
-    shapes = {slot.hf_name: slot.full_shape for slot in hf_slots(model)}
-    if tie_word_embeddings and "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
-        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
-    return shapes
+    return _alias_tied_head({slot.hf_name: slot.full_shape for slot in hf_slots(model)}, tie_word_embeddings)
 
 
 @torch.no_grad()
@@ -217,17 +223,11 @@ def shard_checksums(model: torch.nn.Module, tie_word_embeddings: bool = False,
     the whole tensor's checksums without gathering it: each rank divides its
     slice's sums by the number of ranks holding that same slice.
     """
-    out: dict[str, tuple[float, float]] = {}
-    cache: dict[tuple[int, str], torch.Tensor] = {}
-    for slot in hf_slots(model, tp_world=tp_world):
-        key = (id(slot.module), slot.param_name)
-        if key not in cache:
-            cache[key] = _engine_tensor(slot.module, slot.param_name)
-        part = cache[key][slot.row_start:slot.row_start + slot.rows].double()
+    out = {}
+    for slot, part in _slot_tensors(model, tp_world=tp_world):
+        part = part.double()
         out[slot.hf_name] = (float(part.sum()) / slot.copies, float(part.abs().sum()) / slot.copies)
-    if tie_word_embeddings and "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    return out
+    return _alias_tied_head(out, tie_word_embeddings)
 
 
 def merge_shard_checksums(per_rank: list[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:

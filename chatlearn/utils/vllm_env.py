@@ -111,7 +111,8 @@ def engine_shm_files(root_pid: int | None = None) -> set[str]:
         except OSError:
             continue
         for line in lines:
-            path = line.split(maxsplit=5)[5] if len(line.split(maxsplit=5)) == 6 else ""
+            fields = line.split(maxsplit=5)  # address, perms, offset, dev, inode[, path]
+            path = fields[5] if len(fields) == 6 else ""
             if path.startswith("/dev/shm/") and os.path.basename(path).startswith(_VLLM_SHM_PREFIXES):
                 files.add(path)  # "(deleted)" paths never match an existing file below
     return files

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from chatlearn.models.megatron import cpu_compat
-from chatlearn.models.megatron.model import hf_arch, unwrap
+from chatlearn.models.megatron.model import hf_arch, optimizer_parts, unwrap
 
 INFO_FILE = "chatlearn_checkpoint.json"
 FORMAT_DIST = "dist_checkpointing"   # any layout (this module)
@@ -185,7 +185,7 @@ def _init_optimizer_state(optimizer) -> None:
     0 are exactly what torch Adam starts from; on load the checkpoint's values
     replace them.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in optimizer_parts(optimizer):
         inner = opt.optimizer
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue
@@ -208,7 +208,7 @@ def _load_optimizer_state(optimizer, state: dict[str, Any]) -> None:
     it restores ``step`` as ONE tensor shared by all parameters, which torch
     Adam increments in place once per parameter, so each gets its own copy.
     """
-    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    optimizers = optimizer_parts(optimizer)
     states = [state] if len(optimizers) == 1 else [state[key] for key in sorted(state)]
     for opt, opt_state in zip(optimizers, states):
         param_state = opt_state.pop("param_state", None)

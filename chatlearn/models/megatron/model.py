@@ -243,6 +243,12 @@ class ScoreHead(torch.nn.Module):
         return make_sharded_tensors_for_checkpoint(self.state_dict(keep_vars=True), prefix, {}, sharded_offsets)
 
 
+def optimizer_parts(optimizer) -> list:
+    """The megatron optimizers inside ``optimizer`` (a ChainedOptimizer's parts, or itself);
+    each holds its torch optimizer as ``.optimizer``."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel under DDP / Float16Module wrappers."""
     while hasattr(model, "module") and not hasattr(model, "decoder"):

@@ -26,10 +26,11 @@ from chatlearn.models.base import BaseModule
 from chatlearn.models.megatron import cpu_compat, dist_ckpt
 from chatlearn.models.megatron.hf_convert import export_hf_state_dict, load_hf_weights, save_hf_checkpoint
 from chatlearn.models.megatron.lora import convert_layer_to_lora
-from chatlearn.models.megatron.model import build_gpt_model, hf_arch, load_hf_config, transformer_config_from_hf, unwrap
+from chatlearn.models.megatron.model import (build_gpt_model, hf_arch, load_hf_config, optimizer_parts,
+                                             transformer_config_from_hf, unwrap)
 from chatlearn.models.megatron.parallel import initialize_parallel_state
 from chatlearn.models.megatron.schedule import forward_logits, forward_logprobs, pad_micro_batches, run_micro_batches
-from chatlearn.models.offload import HostOffload, offload_target_available, optimizer_tensors
+from chatlearn.models.offload import HostOffload, model_tensors, offload_target_available
 from chatlearn.utils import platform
 
 
@@ -173,7 +174,7 @@ class MegatronModule(BaseModule):
         if not platform.has_gpu():
             # The distributed optimizer gathers its state for checkpoints over
             # a "gloo" DP group; on CPU the DP group is gloo already.
-            for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            for opt in optimizer_parts(optimizer):
                 if hasattr(opt, "data_parallel_group_gloo"):
                     opt.data_parallel_group_gloo = opt.data_parallel_group
         # Without this the schedule never all-reduces DP grads (nor tied embedding grads over PP).
@@ -410,16 +411,8 @@ class MegatronModule(BaseModule):
         to host memory, in place (see chatlearn/models/offload.py); on CPU nothing to do."""
         if self.model is None or not offload_target_available():
             return
-        keep, drop = list(self.model.parameters()), []
-        # DDP accumulates into main_grad views of its contiguous grad buffer.
-        drop += [p.main_grad for p in self.model.parameters() if getattr(p, "main_grad", None) is not None]
-        drop += [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self.optimizer is not None:
-            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-                opt_keep, opt_drop = optimizer_tensors(opt.optimizer)
-                keep += opt_keep
-                drop += opt_drop
-        self._host.offload(keep, drop)
+        optimizers = [opt.optimizer for opt in optimizer_parts(self.optimizer)] if self.optimizer is not None else []
+        self._host.offload(*model_tensors(self.model, optimizers))
 
     def onload(self) -> None:
         self._host.onload()
@@ -427,7 +420,7 @@ class MegatronModule(BaseModule):
 
 def _inner_states(optimizer) -> list[dict]:
     """The per-parameter state dicts of the torch optimizers inside a megatron optimizer."""
-    return [st for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+    return [st for opt in optimizer_parts(optimizer)
             for st in opt.optimizer.state.values()]
 
 
