@@ -37,3 +37,37 @@ def test_cuda_ipc_buckets_reach_another_process_device_to_device():
     proc.join(timeout=60)
     buckets.release_cuda_ipc("test")
     assert "test" not in buckets._IPC_BUFFERS
+
+
+@pytest.mark.parametrize("weight_loader", ["load_weights", "reload_weights"])
+def test_vllm_takes_a_sync_with_either_loader_on_gpu(tmp_path_factory, weight_loader):
+    """The GPU default (``load_weights``, in place) and ``reload_weights`` both leave the
+    engine computing with exactly the weights sent (checksums of what it holds)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from chatlearn.models.vllm_module import VLLMModule
+    from chatlearn.synchronizer import vllm_sync
+    from chatlearn.synchronizer.base import _close
+    from chatlearn.utils.tiny_assets import ensure_tiny_assets
+
+    root = os.environ.get("CHATLEARN_TEST_ASSETS") or str(tmp_path_factory.mktemp("assets"))
+    start_dir = str(ensure_tiny_assets(root, seed=1, arch="qwen2").model_dir)
+    other = load_file(os.path.join(ensure_tiny_assets(root, seed=4, arch="qwen2").model_dir, "model.safetensors"))
+    module = VLLMModule("policy", {"load": start_dir, "gpu_memory_utilization": 0.2, "max_model_len": 128,
+                                   "weight_loader": weight_loader,
+                                   "attention_backend": os.environ.get("vllm_attention_backend")})
+    module.setup()
+    try:
+        before = module.parameter_checksums()
+        module.load_parameters_from_sync(other)
+        after = module.parameter_checksums()
+        dtype = module.llm.llm_engine.model_config.dtype
+        expected = vllm_sync.checksums({k: v.to(dtype) for k, v in other.items()})
+        assert set(after) == set(expected)
+        mismatched = [k for k in after if not _close(after[k], expected[k])]
+        assert not mismatched, mismatched[:5]
+        assert any(not _close(before[k], after[k]) for k in after)  # the weights did change
+    finally:
+        module.shutdown()
