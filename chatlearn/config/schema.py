@@ -112,6 +112,12 @@ class RuntimeConfig:
     actor_timeout_s: float = 1800.0
     # Address of an existing Ray cluster; empty starts a local one.
     ray_address: Optional[str] = None
+    # Keep the newest N checkpoints, delete older ones (None or 0: keep all). ChatLearn 1.x's name.
+    max_data_ckpt_nums: Optional[int] = 3
+    # Resume from the checkpoint of this episode (1-based, as logged) instead of the newest one.
+    load_data_checkpoint_iteration: Optional[int] = None
+    # Write each episode's rollouts to <dir>/episode_<N>.jsonl (prompt, response, logprobs, reward, ...).
+    rollout_dump_dir: Optional[str] = None
 
 
 @dataclass
@@ -182,3 +188,7 @@ class VLLMArgs:
     # post-processing: needed on CPU, where weights are repacked, and for quantized models)
     # or the model's load_weights (copies in place, faster); auto: load_weights on GPU.
     weight_loader: str = "auto"
+    # Seed every sampling request from (runtime.seed, episode, sample index), so that a resumed
+    # run samples exactly what the uninterrupted one did. auto: on for CPU engines; off on GPU,
+    # where seeded requests leave vLLM's fastest sampling path (docs/vllm.md).
+    request_seeds: str = "auto"

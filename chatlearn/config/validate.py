@@ -112,6 +112,8 @@ _RULES: dict[type, dict[str, list[Rule]]] = {
         "seed": [_within(0, 2**32 - 1)],
         "coalesced_buffer_mb": [_at_least(1)],
         "actor_timeout_s": [_greater_than(0)],
+        "max_data_ckpt_nums": [_at_least(0)],
+        "load_data_checkpoint_iteration": [_at_least(1)],
     },
     RuntimeEnvConfig: {
         "platform": [_non_empty],
@@ -132,6 +134,7 @@ _RULES: dict[type, dict[str, list[Rule]]] = {
         "block_size": [_at_least(1)],
         "gpu_memory_utilization": [_within(0, 1, lo_open=True)],
         "weight_loader": [_one_of(*WEIGHT_LOADERS)],
+        "request_seeds": [_one_of("auto", "true", "false")],
     },
 }
 
