@@ -15,6 +15,8 @@ COMMON = [
     "psutil",  # megatron-core's dist_checkpointing imports it without declaring it
     "tqdm",
     "pyyaml",
+    # The config loader's interpolation; each platform's extra pins the exact version.
+    "omegaconf>=2.3.1,<2.5",
 ]
 
 setup(

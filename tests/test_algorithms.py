@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
-from chatlearn.algorithms.core import (entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten,
+from chatlearn.data.batching import split_batch
+
+from chatlearn.algorithms.core import (LossAggregator, entropy_from_logits, logprobs_from_logits, masked_mean,
+                                       masked_whiten, masked_whiten_global, nucleus_mask, sampling_logprobs,
                                        sequence_logprob, shift_to_token_positions)
 from chatlearn.algorithms.dpo import DPOConfig, DPOPairs, dpo_loss, rank_pair
 from chatlearn.algorithms.grpo import GRPOConfig, GRPORollouts, group_advantages, k3_kl, top_k_in_groups
@@ -66,7 +69,7 @@ def test_policy_loss_clips_and_reports():
     old = torch.zeros(1, 6)
     logp = torch.tensor([[0, 0, math.log(1.5), math.log(0.5), 0.0, 0]])
     adv = torch.tensor([[0, 0, 1.0, 1.0, -1.0, 0]])
-    loss, metrics = policy_loss(logp, old, adv, MASK, clip_eps=0.2)
+    loss, metrics = policy_loss(logp, old, adv, LossAggregator({}, MASK), clip_eps=0.2)
     # token 2: ratio 1.5, A>0 -> clipped to 1.2 -> -1.2; token 3: ratio 0.5, A>0 -> min is -0.5
     # token 4: ratio 1, A<0 -> 1.0
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.0) / 3)
@@ -79,7 +82,7 @@ def test_value_loss_and_explained_variance():
     old = torch.tensor([[0, 0, 1.0, 1.0, 1.0, 0]])
     new = torch.tensor([[0, 0, 2.0, 1.1, 0.0, 0]])
     ret = torch.tensor([[0, 0, 2.0, 1.0, 1.0, 0]])
-    loss, metrics = value_loss(new, old, ret, MASK, clip_eps=0.2)
+    loss, metrics = value_loss(new, old, ret, LossAggregator({}, MASK), clip_eps=0.2)
     # token 2: unclipped err 0, clipped (1.2 - 2)^2 = 0.64 -> 0.64; token 3: 0.01 both; token 4: 1 vs 0.04 -> 1
     assert loss.item() == pytest.approx(0.5 * (0.64 + 0.01 + 1.0) / 3)
     assert metrics["value/clipfrac"].item() == pytest.approx(1 / 3)
@@ -116,17 +119,21 @@ def test_grpo_group_advantages_top_k_and_kl():
 
     mask = torch.ones(4, 2)
     batch = {"scores": torch.tensor([1.0, 0.0, 0.5, 0.5]), "loss_mask": mask, "text": ["a", "b", "c", "d"]}
-    out, metrics = GRPORollouts(GRPOConfig(select_top_k=1), group_size=2).process(batch, 0)
+    processor = GRPORollouts(GRPOConfig(select_top_k=1), group_size=2)
+    out, metrics = processor.process(batch, 0)
     assert out["text"] == ["a", "c"]  # the better of each pair (ties: the first)
     assert out["advantages"][1].tolist() == [0.0, 0.0]  # a tied group teaches nothing
     assert metrics["groups/solved_none_or_all"] == 0.5
+    assert len(batch["advantages"]) == 4  # every response's advantage stays on the batch (rollout dump)
+    assert [processor.is_trainable(s) for s in split_batch(out)] == [True, False]
     with pytest.raises(ValueError, match="n >= 2"):
         GRPORollouts(GRPOConfig(), group_size=1)
 
 
 def test_dpo_loss_by_hand_and_pairing():
+    two_rows = LossAggregator({}, torch.ones(2, 1))  # one pair: its chosen and rejected rows
     loss, metrics = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
-                             torch.tensor([-2.0]), beta=0.5)
+                             torch.tensor([-2.0]), beta=0.5, agg=two_rows)
     margin = 0.5 * ((-1 + 2) - (-3 + 2))
     assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-margin))))
     assert metrics["dpo/accuracy"].item() == 1.0
@@ -138,3 +145,91 @@ def test_dpo_loss_by_hand_and_pairing():
     out, metrics = DPOPairs(DPOConfig()).process(batch, 0)
     assert out["chosen_input_ids"].tolist() == [[2, 3]] and out["rejected_input_ids"].tolist() == [[0, 1]]
     assert metrics["pairs/kept_fraction"] == 0.5  # the tied second pair is dropped
+
+
+def test_dpo_pairs_carry_the_prompts_sampling_settings_and_ties_leave_nothing():
+    batch = {"scores": torch.tensor([0.0, 1.0, 1.0, 1.0]), "input_ids": torch.arange(8).view(4, 2),
+             "loss_mask": torch.ones(4, 2), "ref_logprobs": torch.zeros(4, 2),
+             "sampling_temperature": torch.tensor([0.5, 0.5, 0.7, 0.7]), "sampling_top_k": torch.zeros(4).long(),
+             "sampling_top_p": torch.full((4,), 0.8)}
+    out, _ = DPOPairs(DPOConfig()).process(batch, 0)
+    assert out["sampling_temperature"].tolist() == [0.5]
+    ties = {**batch, "scores": torch.ones(4)}
+    out, metrics = DPOPairs(DPOConfig()).process(ties, 0)
+    assert split_batch(out) == [] and metrics["pairs/kept_fraction"] == 0.0
+
+
+# -- the sampling distribution --------------------------------------------------------------
+
+def _vllm_filtered_logprobs(z, k, p):
+    """vLLM's own top-k/top-p (what its sampler applies) and its processed log-probs."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    return apply_top_k_top_p_pytorch(z.clone(), k, p).log_softmax(-1)
+
+
+@pytest.mark.parametrize("k,p", [(None, 0.8), (5, None), (7, 0.6), (None, 0.97)])
+def test_nucleus_mask_matches_vllms_filter(k, p):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 50, generator=g) * 3
+    kt = None if k is None else torch.full((64,), k)
+    pt = None if p is None else torch.full((64,), p)
+    want = torch.isfinite(_vllm_filtered_logprobs(z, kt, pt))
+    assert torch.equal(nucleus_mask(z, kt, pt), want)
+
+
+def test_sampling_logprobs_equal_vllms_processed_logprobs_and_stay_finite():
+    g = torch.Generator().manual_seed(1)
+    b, s, v = 3, 6, 40
+    logits = torch.randn(b, s, v, generator=g) * 2
+    ids = torch.randint(0, v, (b, s), generator=g)
+    temperature, top_k, top_p = torch.tensor([0.5, 1.0, 0.7]), torch.tensor([0, 5, 0]), torch.tensor([0.8, 1.0, 0.9])
+    mask = torch.ones(b, s)
+    got = sampling_logprobs(logits, ids, temperature, top_k, top_p, mask)
+    for row in range(b):
+        z = logits[row, :-1] / temperature[row]
+        k = torch.full((s - 1,), int(top_k[row])) if top_k[row] > 0 else None
+        want = _vllm_filtered_logprobs(z, k, torch.full((s - 1,), float(top_p[row])))
+        picked = want.gather(1, ids[row, 1:, None]).squeeze(1)
+        inside = torch.isfinite(picked)
+        assert torch.allclose(got[row, 1:][inside], picked[inside], atol=1e-6)
+        # A token outside the filter (random ids here; never a sampled one) stays finite.
+        assert torch.isfinite(got[row]).all()
+    assert (got[:, 0] == 0).all()
+    # No filter, no temperature: the plain log-softmax.
+    assert torch.allclose(sampling_logprobs(logits, ids), logprobs_from_logits(logits, ids))
+
+
+def test_sampling_logprobs_gradients_flow_through_the_nucleus():
+    logits = torch.randn(2, 4, 30, requires_grad=True)
+    ids = torch.randint(0, 30, (2, 4))
+    out = sampling_logprobs(logits, ids, torch.tensor([0.5, 2.0]), None, torch.tensor([0.7, 0.9]))
+    out.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_loss_aggregation_modes_over_a_split_batch_equal_the_whole_batch():
+    """Shares of a global batch split into padded micro-batches add up to the whole batch's value."""
+    from chatlearn.algorithms.core import GLOBAL_NUM_SAMPLES, GLOBAL_NUM_TOKENS
+    from chatlearn.data.batching import split_global_batch
+
+    g = torch.Generator().manual_seed(2)
+    rows = [{"x": torch.randn(5, generator=g), "loss_mask": (torch.rand(5, generator=g) > 0.3).float()}
+            for _ in range(7)]
+    x = torch.stack([r["x"] for r in rows])
+    m = torch.stack([r["loss_mask"] for r in rows])
+    whole = {"token-mean": (x * m).sum() / m.sum(),
+             "seq-mean-token-mean": ((x * m).sum(1) / m.sum(1).clamp(min=1)).mean(),
+             "seq-mean-token-sum": (x * m).sum(1).mean()}
+    for mode, want in whole.items():
+        total = 0.0
+        for rank in split_global_batch(rows, 2, 3):
+            for mb in rank:
+                mb = {**mb, GLOBAL_NUM_TOKENS: m.sum(), GLOBAL_NUM_SAMPLES: torch.tensor(7.0)}
+                total += LossAggregator(mb, mb["loss_mask"]).loss(mb["x"], mode)
+        assert float(total) == pytest.approx(float(want), rel=1e-6), mode
+
+
+def test_masked_whiten_global_on_one_rank_is_masked_whiten():
+    x = torch.tensor([[9.0, 9.0, 1.0, 2.0, 3.0, 9.0]])
+    assert torch.allclose(masked_whiten_global(x, MASK), masked_whiten(x, MASK), atol=1e-6)

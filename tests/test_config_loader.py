@@ -105,7 +105,8 @@ def test_env_only_syntax(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     msg = str(err.value)
-    assert "rlhf.yaml: runtime.exp_name: environment variable 'MY_EXP_NAME' is not set" in msg
+    # ChatLearn 1.x's rule: an unset ${name} is None; exp_name needs a value, so it is an error.
+    assert "rlhf.yaml: runtime.exp_name: needs a value, but environment variable 'MY_EXP_NAME' is not set" in msg
     assert "${MY_EXP_NAME:default}" in msg
 
 
@@ -149,17 +150,23 @@ def test_registered_resolver_is_left_to_omegaconf(tmp_path):
     assert cfg.runtime.num_episode == 6
 
 
-def test_top_level_key_is_a_node_interpolation_in_model_files(tmp_path, monkeypatch):
-    monkeypatch.setenv("hidden_size", "999")  # ignored: hidden_size is a key of the file
+def test_bare_name_is_an_environment_value_even_where_it_is_a_key(tmp_path, monkeypatch):
+    # ChatLearn 1.x: every ${name} is an environment value (model files say
+    # `tokenizer_model: ${tokenizer_model}`); ${.name} is omegaconf's sibling interpolation.
+    monkeypatch.setenv("hidden_size", "999")
     monkeypatch.delenv("seq_length", raising=False)
     cfg = load_config(one_model(tmp_path, model_file="""
         hidden_size: 64
         ffn_hidden_size: ${hidden_size}
-        seq_length: ${seq_length:128}   # 1.x style: the name is also a key; still ChatLearn's
+        kv_channels: ${.hidden_size}
+        seq_length: ${seq_length:128}
         max_position_embeddings: ${seq_length}
     """))
     args = cfg.models["policy"].args_dict
-    assert args == {"hidden_size": 64, "ffn_hidden_size": 64, "seq_length": 128, "max_position_embeddings": 128}
+    assert args == {"hidden_size": 64, "ffn_hidden_size": 999, "kv_channels": 64, "seq_length": 128,
+                    "max_position_embeddings": None}
+    assert any("model.yaml: models.policy.args_dict.max_position_embeddings: environment variable 'seq_length' "
+               "not set" in w for w in cfg.warnings)
 
 
 def test_bad_interpolation_names_file_and_key(tmp_path):
@@ -176,7 +183,7 @@ def test_bad_interpolation_names_file_and_key(tmp_path):
 def test_substitute_env_helper():
     tree = {"a": "${X:1}", "b": "p-${X:1}", "c": ["${Y:true}"], "d": "${a}", "e": "${oc.env:HOME}"}
     assert substitute_env(tree, environ={"X": "5"}) == {
-        "a": 5, "b": "p-5", "c": [True], "d": "${a}", "e": "${oc.env:HOME}"}
+        "a": 5, "b": "p-5", "c": [True], "d": None, "e": "${oc.env:HOME}"}
 
 
 # ------------------------------------------------------------------- includes
@@ -221,7 +228,7 @@ def test_errors_name_the_include_that_set_the_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(err.value) == (f"{tmp_path}/base_inference.yaml: models.policy.args_dict.top_p: "
-                              "expected a value in (0, 1], got 5.0")
+                              "expected a value in [0, 1] (0 or 1: no limit), got 5.0")
 
 
 # ------------------------------------------------------- relative model files
@@ -301,9 +308,11 @@ def test_yaml_details(tmp_path):
     args = load_config(path).models["policy"].args_dict
     # floats without a dot; dates stay strings; anchors and merge keys work
     assert args == {"lr": 1e-5, "day": "2024-01-02", "base": {"x": 1, "y": 2}, "other": {"x": 1, "y": 3}}
-    bad = write(tmp_path, "dup.yaml", "runtime:\n  seed: 1\n  seed: 2\n")
-    with pytest.raises(ConfigError, match=r"dup.yaml: invalid YAML: line 3: duplicate key 'seed'"):
-        load_config(bad)
+    dup = write(tmp_path, "dup.yaml", "models:\n  p:\n    num_cpu: 1\nruntime:\n  seed: 1\n  seed: 2\n")
+    cfg = load_config(dup)  # ChatLearn 1.x's rule: the last value wins, with a warning
+    assert cfg.runtime.seed == 2
+    assert cfg.warnings == [f"{dup}: runtime.seed: given twice in one mapping (lines 5 and 6); "
+                            "the value of line 6 is used, as in ChatLearn 1.x"]
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nothing.yaml")
 

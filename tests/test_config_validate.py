@@ -35,7 +35,7 @@ models:
   policy:
     num_cpu: 2
   ppo_policy:
-    num_cpu: 2
+    num_cpu: 1
     trainable: true
 """
 
@@ -170,8 +170,8 @@ def test_env_vars_values_become_strings_and_floats_accept_ints(tmp_path):
 def test_vllm_keys_are_checked_and_left_untouched(tmp_path):
     files = {"gen.yaml": """\
         n: "2"
-        top_p: 0
-        top_k: 0
+        top_p: -0.1
+        top_k: -2
         temperature: -0.5
         eval_top_p: 1.5
         gpu_memory_utilization: 0
@@ -186,10 +186,10 @@ def test_vllm_keys_are_checked_and_left_untouched(tmp_path):
     key = "gen.yaml: models.policy.args_dict"
     assert lines == [
         f"{key}.n: expected int, got '2' (str)",
-        f"{key}.top_p: expected a value in (0, 1], got 0",
-        f"{key}.top_k: expected -1 (no limit) or a positive int, got 0",
+        f"{key}.top_p: expected a value in [0, 1] (0 or 1: no limit), got -0.1",
+        f"{key}.top_k: expected -1 or 0 (no limit) or a positive int, got -2",
         f"{key}.temperature: expected >= 0, got -0.5",
-        f"{key}.eval_top_p: expected a value in (0, 1], got 1.5",
+        f"{key}.eval_top_p: expected a value in [0, 1] (0 or 1: no limit), got 1.5",
         f"{key}.gpu_memory_utilization: expected a value in (0, 1], got 0",
         f"{key}.use_beam_search: expected bool, got 1 (int)",
         f"{key}.max_new_tokens: expected >= 1, got 0",
@@ -420,13 +420,13 @@ def test_all_problems_at_once_across_files(tmp_path, monkeypatch):
         """, {"policy.yaml": "includes: [base.yaml]\ntop_p: 2\n", "base.yaml": "temperature: hot\n"},
         overrides=["runtime.seed=-1"])
     assert lines == [
-        "rlhf.yaml: runtime.output_dir: environment variable 'UNSET_FOR_TEST' is not set and '${UNSET_FOR_TEST}' "
-        "gives no default (write ${UNSET_FOR_TEST:default} to give one)",
         "rlhf.yaml: models.policy.num_cpu: expected int, got '2' (str)",
         "rlhf.yaml: models.policy.trainable: expected bool, got 'yes-please' (str)",
         "base.yaml: models.policy.args_dict.temperature: expected float, got 'hot' (str)",
-        "policy.yaml: models.policy.args_dict.top_p: expected a value in (0, 1], got 2",
+        "policy.yaml: models.policy.args_dict.top_p: expected a value in [0, 1] (0 or 1: no limit), got 2",
         "rlhf.yaml: runtime.num_episode: expected int, got 'abc' (str)",
+        "rlhf.yaml: runtime.output_dir: needs a value, but environment variable 'UNSET_FOR_TEST' is not set "
+        "(set it, or write ${UNSET_FOR_TEST:default} to give a default)",
         "<overrides>: runtime.seed: expected a value in [0, 4294967295], got -1",
         "rlhf.yaml: runtime.colocation[0]: unknown model 'ghost' in colocation group; models are: policy, ppo_policy",
         "rlhf.yaml: models.ppo_policy.num_cpu: expected a multiple of tensor_model_parallel_size × "

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from chatlearn.data.batching import collate, seeded_permutation, shard_sizes, split_batch
+from chatlearn.data.batching import collate, seeded_permutation, shard_sizes, split_batch, split_global_batch
 
 
 def test_collate_stacks_equal_shapes_and_keeps_lists():
@@ -46,3 +46,38 @@ def test_shard_sizes_and_permutation():
     perm = seeded_permutation(50, 1, 2)
     assert sorted(perm) == list(range(50)) and perm == seeded_permutation(50, 1, 2)
     assert perm != seeded_permutation(50, 2, 1)
+
+
+def _rows(n):
+    return [{"i": torch.tensor(i), "ids": torch.arange(1 + i % 3), "loss_mask": torch.ones(1 + i % 3),
+             "chosen_loss_mask": torch.ones(2), "text": f"s{i}"} for i in range(n)]
+
+
+@pytest.mark.parametrize("dp", [1, 2, 3])
+@pytest.mark.parametrize("micro", [1, 2, 3])
+def test_split_global_batch_keeps_every_sample_and_pads_with_rows_that_weigh_nothing(dp, micro):
+    """Every size from 1 to 3x the micro-batch times the DP size: nothing dropped, equal shapes."""
+    for n in range(1, 3 * micro * dp + 2):
+        per_rank = split_global_batch(_rows(n), dp, micro)
+        assert len(per_rank) == dp
+        counts = {len(rank) for rank in per_rank}
+        assert len(counts) == 1  # every rank the same number of micro-batches
+        shapes = {len(mb["i"]) for rank in per_rank for mb in rank}
+        assert len(shapes) == 1 and shapes.pop() <= micro  # every micro-batch the same row count
+        real = [int(i) for rank in per_rank for mb in rank for i, v in zip(mb["i"], mb["sample_valid"]) if v == 1]
+        assert real == list(range(n))  # each sample once, in order
+        for rank in per_rank:
+            for mb in rank:
+                pad = mb["sample_valid"] == 0
+                assert mb["loss_mask"][pad].sum() == 0 and mb["chosen_loss_mask"][pad].sum() == 0
+                assert mb["ids"][pad].numel() == 0 or mb["ids"].shape[0] == len(mb["text"])
+        padding = sum(int((mb["sample_valid"] == 0).sum()) for rank in per_rank for mb in rank)
+        assert padding < dp * len(per_rank[0])  # less than one row per micro-batch
+
+
+def test_split_global_batch_balances_ranks_and_errors_on_empty():
+    per_rank = split_global_batch(_rows(5), 2, 4)
+    assert [[int(i) for i, v in zip(mb["i"], mb["sample_valid"]) if v] for rank in per_rank for mb in rank] == \
+        [[0, 1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="empty"):
+        split_global_batch([], 2, 4)

@@ -9,86 +9,74 @@ def samples(n, start=0):
     return [{"idx": start + i, "ids": torch.arange(1 + (start + i) % 3)} for i in range(n)]
 
 
-def idx_of(micro_batches):
-    return [i for mb in micro_batches for i in mb["idx"]]
+def idx(batch):
+    return [s["idx"] for s in batch]
 
 
-def flat(per_rank):
-    return [i for rank in per_rank for i in idx_of(rank)]
-
-
-def test_fixed_epoch0_order_ranks_and_micro_batches():
-    ds = StreamDataset("fixed", 8, train_global_batch_size=4, train_micro_batch_size=2, dp_size=2, seed=1)
+def test_fixed_epoch0_order_in_global_batches():
+    ds = StreamDataset("fixed", 8, train_global_batch_size=4, seed=1)
     ds.set_samples(0, samples(8))
     steps = list(ds.iter_train_batches())
-    assert [(e, s) for e, s, _ in steps] == [(0, 0), (0, 1)]
-    _, _, per_rank = steps[0]
-    assert len(per_rank) == 2 and [len(r) for r in per_rank] == [1, 1]
-    assert idx_of(per_rank[0]) == [0, 1] and idx_of(per_rank[1]) == [2, 3]
-    mb = per_rank[0][0]
-    assert mb["ids"].shape == (2, 2)  # lengths 1 and 2, right-padded to 2
-    assert torch.equal(mb["ids"], torch.tensor([[0, 0], [0, 1]]))
-    assert flat(steps[1][2]) == [4, 5, 6, 7]
+    assert [(e, s, idx(b)) for e, s, b in steps] == [(0, 0, [0, 1, 2, 3]), (0, 1, [4, 5, 6, 7])]
     assert list(ds.iter_train_batches()) == []  # every step is handed out once
 
 
 def test_later_epochs_reshuffle_each_sample_once():
-    ds = StreamDataset("fixed", 8, 4, 1, dp_size=2, num_training_epoch=3, seed=11)
+    ds = StreamDataset("fixed", 8, 4, num_training_epoch=3, seed=11)
     ds.set_samples(5, samples(8))
     steps = list(ds.iter_train_batches())
     assert [(e, s) for e, s, _ in steps] == [(e, s) for e in range(3) for s in range(2)]
     by_epoch = {e: [] for e in range(3)}
-    for e, _, per_rank in steps:
-        assert [len(r) for r in per_rank] == [2, 2]
-        by_epoch[e] += flat(per_rank)
+    for e, _, batch in steps:
+        assert len(batch) == 4
+        by_epoch[e] += idx(batch)
     assert by_epoch[0] == list(range(8))
     for e in (1, 2):
-        assert sorted(by_epoch[e]) == list(range(8))
         assert by_epoch[e] == seeded_permutation(8, 11, 5, e)
     assert by_epoch[1] != by_epoch[2]
 
 
 def test_fixed_wrong_count_errors():
-    ds = StreamDataset("fixed", 8, 4, 2)
+    ds = StreamDataset("fixed", 8, 4)
     with pytest.raises(ValueError, match="sample_per_episode=8.*got 6"):
         ds.set_samples(0, samples(6))
     with pytest.raises(ValueError, match="sample_per_episode=8.*got 9"):
         ds.set_samples(0, samples(9))
     with pytest.raises(ValueError, match="multiple"):
-        StreamDataset("fixed", 6, 4, 2)
-    with pytest.raises(ValueError, match="multiple"):
-        StreamDataset("dynamic", 8, 4, 3)
+        StreamDataset("fixed", 6, 4)
 
 
 def test_dynamic_takes_all_samples_and_shortens_last_batch():
-    ds = StreamDataset("dynamic", 4, train_global_batch_size=4, train_micro_batch_size=2, dp_size=2)
+    ds = StreamDataset("dynamic", 4, train_global_batch_size=4)
     ds.set_samples(0, samples(12))  # 3 x sample_per_episode
     assert ds.num_steps_per_epoch() == 3
-    assert [flat(p) for _, _, p in ds.iter_train_batches()] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-
+    assert [idx(b) for _, _, b in ds.iter_train_batches()] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     ds.set_samples(1, samples(11))
-    steps = list(ds.iter_train_batches())
-    assert len(steps) == 3
-    last = steps[-1][2]
-    assert [len(idx_of(r)) for r in last] == [2, 1]  # shards differ by at most one
-    assert [[len(mb["idx"]) for mb in r] for r in last] == [[2], [1]]
-    assert sum(len(flat(p)) for _, _, p in steps) == 11
-
+    assert [len(b) for _, _, b in ds.iter_train_batches()] == [4, 4, 3]  # nothing dropped
     ds.set_samples(2, samples(1))
-    (only,) = list(ds.iter_train_batches())
-    assert [idx_of(r) for r in only[2]] == [[0], []]  # a rank may get no micro-batch
+    assert [idx(b) for _, _, b in ds.iter_train_batches()] == [[0]]
+
+
+def test_dynamic_episode_without_samples_has_no_steps():
+    """Every online-DPO pair tied: nothing to train on, and no error."""
+    ds = StreamDataset("dynamic", 4, 4, num_training_epoch=2)
+    ds.set_samples(3, [])
+    assert ds.num_steps_per_epoch() == 0 and list(ds.iter_train_batches()) == []
+    ds.start_episode(4)
+    ds.finish()
+    assert list(ds.ready_batches()) == [] and list(ds.iter_train_batches()) == []
 
 
 def test_streaming_ready_batches_then_rest():
-    ds = StreamDataset("fixed", 8, 4, 2, dp_size=1, num_training_epoch=1)
+    ds = StreamDataset("fixed", 8, 4, num_training_epoch=1)
     ds.start_episode(0)
     ds.extend(samples(3))
     assert list(ds.ready_batches()) == []
     ds.extend(samples(2, start=3))
     ready = list(ds.ready_batches())
-    assert [(e, s, flat(p)) for e, s, p in ready] == [(0, 0, [0, 1, 2, 3])]
+    assert [(e, s, idx(b)) for e, s, b in ready] == [(0, 0, [0, 1, 2, 3])]
     ds.extend(samples(3, start=5))
-    assert [flat(p) for _, _, p in ds.ready_batches()] == [[4, 5, 6, 7]]
+    assert [idx(b) for _, _, b in ds.ready_batches()] == [[4, 5, 6, 7]]
     with pytest.raises(RuntimeError, match="finish"):
         next(ds.iter_train_batches())
     ds.finish()
@@ -96,18 +84,18 @@ def test_streaming_ready_batches_then_rest():
 
 
 def test_streaming_dynamic_with_extra_epoch():
-    ds = StreamDataset("dynamic", 4, 4, 2, num_training_epoch=2, seed=3)
+    ds = StreamDataset("dynamic", 4, 4, num_training_epoch=2, seed=3)
     ds.start_episode(7)
     ds.extend(samples(6))
     assert [s for _, s, _ in ds.ready_batches()] == [0]
     ds.finish()
     rest = list(ds.iter_train_batches())
-    assert [(e, s, len(flat(p))) for e, s, p in rest] == [(0, 1, 2), (1, 0, 4), (1, 1, 2)]
-    assert sorted(flat(rest[1][2]) + flat(rest[2][2])) == list(range(6))
+    assert [(e, s, len(b)) for e, s, b in rest] == [(0, 1, 2), (1, 0, 4), (1, 1, 2)]
+    assert sorted(idx(rest[1][2]) + idx(rest[2][2])) == list(range(6))
 
 
 def test_extend_rejects_batch_dict():
-    ds = StreamDataset("dynamic", 4, 4, 2)
+    ds = StreamDataset("dynamic", 4, 4)
     ds.start_episode(0)
     with pytest.raises(TypeError, match="split_batch"):
         ds.extend({"idx": [1, 2]})

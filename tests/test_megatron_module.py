@@ -112,15 +112,17 @@ def test_module_logprobs_and_training_parity_tp2pp2(assets_root, model, optim, t
 
 
 def hf_loss_and_grad_norm(model_dir: str, micro_batches: list[dict]) -> tuple[float, float]:
-    """MegatronModule.loss_fn's default loss (mean over micro-batches of the token-mean NLL) in transformers."""
+    """MegatronModule.loss_fn's default loss (the NLL's mean over every predicted token of the
+    global batch, whatever its micro-batches) in transformers."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     total = 0.0
+    tokens = sum(mb["input_ids"][:, 1:].numel() for mb in micro_batches)
     for mb in micro_batches:
         ids = mb["input_ids"]
         logp = torch.log_softmax(model(ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        total = total - logp.mean() / len(micro_batches)
+        total = total - logp.sum() / tokens
     total.backward()
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
     return float(total.detach()), float(norm)

@@ -93,16 +93,40 @@ def test_shm_space_is_checked_before_writing(tmp_path):
     pool.close()
 
 
-def test_stale_pools_of_dead_writers_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)
-    stale = tmp_path / f"chatlearn-sync-{pid}-x"
-    stale.mkdir()
-    (stale / "bucket-00000.bin").write_bytes(b"123")
-    alive = tmp_path / f"chatlearn-sync-{os.getppid()}-y"
-    alive.mkdir()
-    assert buckets.remove_stale_pools(str(tmp_path)) == [stale.name]
-    assert not stale.exists() and alive.exists()
+def test_stale_pools_are_those_whose_owner_lock_is_free(tmp_path):
+    """A pool is live while its writer holds its lock, whatever pid its name carries (another
+    PID namespace sharing /dev/shm may reuse or not know the pid): only free locks are stale."""
+    def pool_dir(name):
+        d = tmp_path / f"chatlearn-sync-{name}"
+        d.mkdir()
+        (d / "bucket-00000.bin").write_bytes(b"123")
+        (d / buckets._OWNER_LOCK).touch()
+        return d
+
+    stale = pool_dir("1-dead")  # lock file, nobody holds it
+    held = pool_dir("2-other-namespace")  # a pid that means nothing here, but the lock is held
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)"), str(held / buckets._OWNER_LOCK)], stdout=subprocess.PIPE,
+        text=True)
+    young = tmp_path / "chatlearn-sync-3-being-created"  # no lock file yet: within the grace period
+    young.mkdir()
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert buckets.remove_stale_pools(str(tmp_path)) == [stale.name]
+        assert held.exists() and young.exists() and not stale.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert buckets.remove_stale_pools(str(tmp_path)) == [held.name]  # its writer is gone now
+
+
+def test_a_pool_holds_its_lock_while_it_lives(tmp_path):
+    pool = buckets.ShmBucketPool("lock-test", root=str(tmp_path))
+    pool.write({"w": torch.ones(4)}, 2**20)
+    assert buckets.remove_stale_pools(str(tmp_path)) == []
+    pool.close()
+    assert not os.path.exists(pool.directory)
 
 
 def test_object_store_round_trip(ray_session):

@@ -50,7 +50,7 @@ def _run(monkeypatch, tiny, algo: str, main, **knobs):
         monkeypatch.setenv(key, str(value))
     monkeypatch.setattr(sys, "argv", ["train", "-c", os.path.join(CONFIGS, f"{algo}.yaml")])
     history = main()
-    return history, out / algo
+    return history, out  # output_dir ends with exp_name: the run directory itself (ChatLearn 1.x's rule)
 
 
 def _check_run(history, run_dir, trainers: list[str], syncs: list[str]) -> None:

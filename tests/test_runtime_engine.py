@@ -353,11 +353,15 @@ def test_free_memory_offloads_idle_colocated_model(ray_session, toy_env, monkeyp
 
 
 def test_train_batch_gives_every_data_parallel_rank_the_same_micro_batches():
-    """Megatron's DP ranks pair their collectives: equal micro-batch counts, or a hang."""
+    """Megatron's DP ranks pair their collectives: equal micro-batch counts and shapes; a short
+    batch is padded with rows that weigh nothing, never trimmed."""
     from chatlearn.runtime.engine import TrainBatch
 
     samples = [{"x": torch.tensor([i])} for i in range(9)]  # dynamic mode's short last batch
     per_rank = TrainBatch(samples, micro_batch_size=2).per_dp_rank(2)
-    assert [[mb["x"].flatten().tolist() for mb in rank] for rank in per_rank] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
-    assert TrainBatch(samples[:1], micro_batch_size=2).per_dp_rank(2) == [[], []]
-    assert [len(r) for r in TrainBatch(samples[:8], micro_batch_size=3).per_dp_rank(1)] == [3]
+    real = [[[int(x) for x, v in zip(mb["x"].flatten(), mb["sample_valid"]) if v] for mb in rank]
+            for rank in per_rank]
+    assert real == [[[0, 1], [2, 3], [4]], [[5, 6], [7, 8], []]]
+    assert {tuple(mb["x"].shape) for rank in per_rank for mb in rank} == {(2, 1)}
+    (one,), (padding,) = TrainBatch(samples[:1], micro_batch_size=2).per_dp_rank(2)
+    assert one["sample_valid"].tolist() == [1.0] and padding["sample_valid"].tolist() == [0.0]

@@ -69,7 +69,7 @@ def test_sampling_kwargs_lengths_and_defaults():
     kw = sampling_kwargs({})
     assert (kw["n"], kw["temperature"], kw["top_p"], kw["top_k"], kw["ignore_eos"]) == (1, 1.0, 1.0, 0, False)
     assert "stop" not in kw and "prompt_logprobs" not in kw
-    assert sampling_kwargs({}, is_eval=True)["temperature"] == 0.0
+    assert sampling_kwargs({}, is_eval=True)["temperature"] == 1.0  # ChatLearn 1.x's eval default
 
 
 def test_beam_search_is_refused_clearly():
@@ -87,7 +87,8 @@ def test_engine_kwargs():
     kw = engine_kwargs({"load": "/m", "max_model_len": 256, "block_size": 32, "max_num_batched_tokens": 512,
                         "gpu_memory_utilization": 0.5, "max_paddings": 256}, tensor_parallel_size=1, seed=3)
     assert kw == dict(model="/m", tokenizer="/m", tensor_parallel_size=1, dtype="float32", enforce_eager=True,
-                      seed=3, max_model_len=256, block_size=32, max_num_batched_tokens=512)
+                      seed=3, max_model_len=256, block_size=32, max_num_batched_tokens=512,
+                      logprobs_mode="processed_logprobs")  # of the distribution sampled from
     gpu = engine_kwargs({"load": "/m", "tokenizer": "/t", "seq_length": 64, "gpu_memory_utilization": 0.5},
                         tensor_parallel_size=2, on_gpu=True)
     assert gpu["tokenizer"] == "/t" and gpu["max_model_len"] == 64 and gpu["gpu_memory_utilization"] == 0.5
@@ -96,6 +97,8 @@ def test_engine_kwargs():
     assert gpu["distributed_executor_backend"] == "mp" and "distributed_executor_backend" not in kw
     with pytest.raises(ValueError, match="load"):
         engine_kwargs({})
+    with pytest.raises(ValueError, match="logprobs_mode 'raw_logprobs'.*processed_logprobs"):
+        engine_kwargs({"load": "/m", "logprobs_mode": "raw_logprobs"})
 
 
 def test_build_rollout_batch_layout_and_n_expansion():
@@ -423,9 +426,16 @@ def test_sampling_keys_take_effect(policy):
 def test_eval_forward_uses_eval_keys(policy):
     prompts = arithmetic_prompts(policy.tokenizer, 3, seed=6)
     greedy = policy.forward_step({"prompt_ids": prompts}, 0)["response_ids"]
-    # Training samples at temperature 1; eval keeps the greedy default (eval_temperature 0).
-    policy._model_args_override = {**policy.model_args, "temperature": 1.0}
-    assert policy.eval_forward({"prompt_ids": prompts}, 0)["response_ids"] == greedy
+    # Training samples at temperature 1; eval is greedy (eval_temperature 0), and each batch's rows
+    # say which settings drew them: an evaluation's never reach training's.
+    policy._model_args_override = {**policy.model_args, "temperature": 1.0, "top_p": 0.9, "eval_temperature": 0.0}
+    evaluated = policy.eval_forward({"prompt_ids": prompts}, 0)
+    assert evaluated["response_ids"] == greedy
+    assert evaluated["sampling_temperature"].tolist() == [1.0] * 3  # greedy: scored at T=1, no filter
+    assert evaluated["sampling_top_p"].tolist() == [1.0] * 3
+    trained = policy.forward_step({"prompt_ids": prompts}, 0)
+    assert trained["sampling_temperature"].tolist() == [1.0] * 3
+    assert trained["sampling_top_p"].tolist() == pytest.approx([0.9] * 3)
 
 
 def test_generation_throughput(policy, record_property):

@@ -30,6 +30,9 @@ class StatelessRollouts:
     def end_episode(self, metrics: dict[str, float]) -> dict[str, float]:
         return {}
 
+    def is_trainable(self, sample: dict) -> bool:
+        return True
+
     def state_dict(self) -> dict:
         return {}
 
@@ -65,6 +68,30 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return out * mask.to(x.dtype)
 
 
+def masked_whiten_global(x: torch.Tensor, mask: torch.Tensor, group: Any = None, eps: float = 1e-8) -> torch.Tensor:
+    """``masked_whiten`` with the mean and (unbiased) variance taken over the masked entries of
+    every rank of ``group`` (a torch.distributed group; None or a single rank: this tensor only)."""
+    import torch.distributed as dist
+
+    m = mask.to(torch.float64)
+    sums = torch.stack([(x.double() * m).sum(), (x.double() ** 2 * m).sum(), m.sum()])
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        sums = sums.to(_collective_device())
+        dist.all_reduce(sums, group=group)
+        sums = sums.cpu()
+    total, squares, count = sums.tolist()
+    mean = total / max(count, 1.0)
+    var = (squares - count * mean * mean) / max(count - 1.0, 1.0)
+    out = (x - mean) * torch.rsqrt(torch.tensor(max(var, 0.0) + eps, dtype=x.dtype))
+    return out * mask.to(x.dtype)
+
+
+def _collective_device() -> torch.device:
+    from chatlearn.utils import platform
+
+    return platform.torch_device()
+
+
 def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """``[b, s]`` token log-probs aligned with ``input_ids`` (position 0 is 0), in fp32."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -72,9 +99,176 @@ def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch
     return torch.nn.functional.pad(picked, (1, 0), value=0.0)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """``[b, s]`` entropy of the next-token distribution, aligned like ``logprobs_from_logits``."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+# ---------------------------------------------------------------------------------------------
+# The sampling distribution
+#
+# A sampler (vLLM) draws each response token from q = topp(topk(softmax(z / T))): the logits z
+# divided by the temperature T, cut to the k largest (top_k) and then to the smallest set of
+# largest tokens holding probability top_p, renormalised. Every log-prob that enters a loss, a
+# KL or a metric is of q, so the trainer and the reference score tokens with the rollout's own
+# T, top_k and top_p, which the rollout batch carries per row (SAMPLING_KEYS).
+# ---------------------------------------------------------------------------------------------
+
+# Per-row sampling settings a rollout batch carries ([b] tensors), written by the sampler.
+SAMPLING_KEYS = ("sampling_temperature", "sampling_top_k", "sampling_top_p")
+# vLLM treats a temperature below this as greedy and scores greedy rows at temperature 1.
+GREEDY_TEMPERATURE = 1e-5
+# Rows of one chunk of the top-k/top-p computation: it sorts [rows, vocab] values.
+_NUCLEUS_CHUNK_ROWS = 1024
+
+
+def sampling_params(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The per-row sampling settings of ``batch`` (absent keys: T = 1, no top-k, no top-p)."""
+    names = {"sampling_temperature": "temperature", "sampling_top_k": "top_k", "sampling_top_p": "top_p"}
+    return {names[k]: batch[k] for k in SAMPLING_KEYS if k in batch}
+
+
+def nucleus_mask(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[n, V]`` bool: the tokens vLLM's top-k/top-p filter keeps for each row of ``logits``.
+
+    vLLM's rule (``apply_top_k_top_p``): sort ascending; top-k removes values below the
+    k-th largest (ties with it stay); top-p removes the sorted prefix whose cumulative
+    probability is at most ``1 - p`` (the largest token always stays). ``top_k`` <= 0 or
+    >= V and ``top_p`` >= 1 switch a row's filter off.
+    """
+    vocab = logits.shape[-1]
+    ordered, order = logits.sort(dim=-1, descending=False)
+    remove = torch.zeros_like(ordered, dtype=torch.bool)
+    if top_k is not None:
+        k = top_k.to(device=logits.device, dtype=torch.long)
+        k = torch.where((k <= 0) | (k > vocab), torch.full_like(k, vocab), k)
+        kth = ordered.gather(1, (vocab - k).unsqueeze(1))
+        remove |= ordered < kth
+    if top_p is not None:
+        p = top_p.to(device=logits.device, dtype=torch.float32)
+        probs = ordered.masked_fill(remove, float("-inf")).softmax(dim=-1)
+        cumulative = probs.cumsum(dim=-1)
+        cut = cumulative <= (1.0 - p).unsqueeze(1)
+        cut[:, -1] = False
+        remove |= cut & (p < 1.0).unsqueeze(1)
+    return torch.zeros_like(remove).scatter_(1, order, ~remove)
+
+
+def sampling_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: Optional[torch.Tensor] = None,
+                      top_k: Optional[torch.Tensor] = None, top_p: Optional[torch.Tensor] = None,
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[b, s]`` log-probs of ``input_ids`` under the sampling distribution q, aligned with
+    ``input_ids`` (position 0 is 0), in fp32, differentiable.
+
+    ``temperature``, ``top_k`` and ``top_p`` are per-row ``[b]`` tensors (None: 1, off, off;
+    a temperature below ``GREEDY_TEMPERATURE`` counts as 1, as in vLLM). Top-k/top-p are
+    applied at the positions where ``mask`` (``[b, s]``, e.g. the loss mask) is set, and
+    everywhere when it is None; other positions get the tempered log-softmax.
+
+    The token being scored always counts as inside the filter. In fp32 that changes
+    nothing (the sampler drew it, so it was inside); where the filter's boundary moves
+    slightly (bf16 logits, or weights that moved since sampling) it keeps the log-prob
+    finite instead of -inf, so no ratio or KL can become infinite.
+    """
+    z = logits[:, :-1].float()
+    targets = input_ids[:, 1:].to(z.device)
+    if temperature is not None:
+        t = temperature.to(device=z.device, dtype=torch.float32)
+        t = torch.where(t < GREEDY_TEMPERATURE, torch.ones_like(t), t)
+        z = z / t[:, None, None]
+    picked = torch.log_softmax(z, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    filtered = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+    if top_k is not None:
+        k = top_k.to(z.device)
+        filtered |= (k > 0) & (k < z.shape[-1])
+    if top_p is not None:
+        filtered |= top_p.to(z.device) < 1.0
+    where = filtered[:, None].expand_as(targets)
+    if mask is not None:
+        where = where & (mask[:, 1:].to(z.device) > 0)
+    if where.any():
+        rows, cols = where.nonzero(as_tuple=True)
+        values = []
+        for start in range(0, rows.numel(), _NUCLEUS_CHUNK_ROWS):
+            r, c = rows[start:start + _NUCLEUS_CHUNK_ROWS], cols[start:start + _NUCLEUS_CHUNK_ROWS]
+            sub, target = z[r, c], targets[r, c]
+            with torch.no_grad():
+                keep = nucleus_mask(sub, None if top_k is None else top_k.to(z.device)[r],
+                                    None if top_p is None else top_p.to(z.device)[r])
+                keep.scatter_(1, target.unsqueeze(1), True)
+            norm = torch.logsumexp(sub.masked_fill(~keep, float("-inf")), dim=-1)
+            values.append(sub.gather(1, target.unsqueeze(1)).squeeze(1) - norm)
+        picked = picked.index_put((rows, cols), torch.cat(values))
+    return torch.nn.functional.pad(picked, (1, 0), value=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss aggregation over a global batch
+# ---------------------------------------------------------------------------------------------
+
+# loss_agg_mode values (the names verl uses):
+#   token-mean           sum of per-token losses / response tokens in the global batch
+#   seq-mean-token-mean  mean over the global batch's sequences of each one's token mean
+#   seq-mean-token-sum   mean over the global batch's sequences of each one's token sum
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+# Set on every training micro-batch by MegatronModule.train_step: the global batch's totals.
+GLOBAL_NUM_TOKENS = "global_num_tokens"
+GLOBAL_NUM_SAMPLES = "global_num_samples"
+
+
+class LossAggregator:
+    """One micro-batch's *share* of a value averaged over the whole global batch.
+
+    A global batch is spread over data-parallel ranks and micro-batches (and
+    padded, see ``chatlearn.data.batching.split_global_batch``); a loss such as
+    "mean over all response tokens of the global batch" is then the SUM of the
+    shares every micro-batch of every rank computes here: each divides by the
+    global batch's totals (``global_num_tokens``, ``global_num_samples``, set by
+    ``MegatronModule.train_step``), and padding rows (``sample_valid`` 0) count
+    nowhere. Without the totals (a micro-batch used on its own) the micro-batch's
+    own totals are used.
+    """
+
+    def __init__(self, micro_batch: Mapping[str, Any], mask: torch.Tensor):
+        valid = micro_batch.get("sample_valid")
+        self.valid = torch.ones(mask.shape[0], device=mask.device) if valid is None \
+            else valid.to(device=mask.device, dtype=torch.float32)
+        self.mask = mask.to(torch.float32) * self.valid[:, None]
+        tokens, samples = micro_batch.get(GLOBAL_NUM_TOKENS), micro_batch.get(GLOBAL_NUM_SAMPLES)
+        self.num_tokens = float(tokens) if tokens is not None else float(self.mask.sum())
+        self.num_samples = float(samples) if samples is not None else float(self.valid.sum())
+
+    def loss(self, per_token: torch.Tensor, mode: str) -> torch.Tensor:
+        """The share of ``per_token`` [b, s] aggregated by ``mode`` (one of ``LOSS_AGG_MODES``)."""
+        masked = per_token * self.mask
+        if mode == "token-mean":
+            return masked.sum() / max(self.num_tokens, 1.0)
+        if mode == "seq-mean-token-sum":
+            return masked.sum() / max(self.num_samples, 1.0)
+        if mode == "seq-mean-token-mean":
+            per_seq = masked.sum(-1) / self.mask.sum(-1).clamp(min=1.0)
+            return per_seq.sum() / max(self.num_samples, 1.0)
+        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {mode!r}")
+
+    def token_mean(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Share of the mean over the global batch's response tokens (metrics)."""
+        return self.loss(per_token, "token-mean")
+
+    def sequence_mean(self, per_sample: torch.Tensor, rows_per_sample: int = 1) -> torch.Tensor:
+        """Share of the mean of a per-sample value over the global batch's samples.
+
+        ``rows_per_sample`` > 1 when a sample spans several rows stacked block after block
+        (a DPO pair: all chosen rows, then all rejected rows): ``per_sample`` then has one
+        value per sample, the first ``len(per_sample)`` rows say which are real, and the
+        global row count is divided accordingly.
+        """
+        valid = self.valid[:per_sample.shape[0]]
+        return (per_sample * valid).sum() / max(self.num_samples / rows_per_sample, 1.0)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[b, s]`` entropy of the next-token distribution (at the rows' ``temperature``, [b],
+    when given), aligned like ``logprobs_from_logits``."""
+    z = logits[:, :-1].float()
+    if temperature is not None:
+        t = temperature.to(device=z.device, dtype=torch.float32)
+        z = z / torch.where(t < GREEDY_TEMPERATURE, torch.ones_like(t), t)[:, None, None]
+    logp = torch.log_softmax(z, dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return torch.nn.functional.pad(entropy, (1, 0), value=0.0)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from chatlearn.algorithms.core import StatelessRollouts
+from chatlearn.algorithms.core import SAMPLING_KEYS, LossAggregator, StatelessRollouts
 
 
 @dataclass
@@ -24,12 +24,14 @@ class DPOConfig:
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean DPO loss over pairs, with ``dpo/accuracy`` (margin > 0) and ``dpo/margin``."""
+             ref_rejected: torch.Tensor, beta: float, agg: LossAggregator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO loss averaged over the global batch's pairs, with ``dpo/accuracy`` (margin > 0) and
+    ``dpo/margin`` (shares, see ``LossAggregator``; the pair's rows are stacked chosen first)."""
     margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-    loss = -F.logsigmoid(margin).mean()
+    loss = agg.sequence_mean(-F.logsigmoid(margin), rows_per_sample=2)
     with torch.no_grad():
-        metrics = {"dpo/accuracy": (margin > 0).float().mean(), "dpo/margin": margin.mean()}
+        metrics = {"dpo/accuracy": agg.sequence_mean((margin > 0).float(), rows_per_sample=2),
+                   "dpo/margin": agg.sequence_mean(margin, rows_per_sample=2)}
     return loss, metrics
 
 
@@ -51,7 +53,9 @@ class DPOPairs(StatelessRollouts):
     The batch holds two consecutive responses per prompt (the policy's
     ``n: 2``) with ``scores``; each pair with a clear winner becomes one
     training sample with ``chosen_*`` and ``rejected_*`` versions of
-    ``input_ids``, ``loss_mask`` and ``ref_logprobs``.
+    ``input_ids``, ``loss_mask`` and ``ref_logprobs`` (and the prompt's sampling
+    settings, ``SAMPLING_KEYS``). A tied pair carries no preference and is dropped;
+    an episode of ties trains on nothing (the engine skips it).
     """
 
     def __init__(self, cfg: DPOConfig):
@@ -73,6 +77,8 @@ class DPOPairs(StatelessRollouts):
                 rejected.append(first + ranked[1])
         out = {f"chosen_{k}": batch[k][chosen] for k in PAIRED_KEYS}
         out.update({f"rejected_{k}": batch[k][rejected] for k in PAIRED_KEYS})
+        # Both responses of a pair were sampled with the prompt's settings: score them alike.
+        out.update({k: batch[k][chosen] for k in SAMPLING_KEYS if k in batch})
         pairs = scores.numel() // 2
         metrics = {
             "reward/mean": float(scores.mean()),

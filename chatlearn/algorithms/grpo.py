@@ -7,15 +7,19 @@ k3 estimate of KL(policy || reference):
 
     A_i        = (score_i - mean(group)) / (std(group) + eps)
     kl[t]      = exp(ref[t] - logp[t]) - (ref[t] - logp[t]) - 1
-    loss       = mean(max(-A * ratio, -A * clip(ratio))) + kl_coef * mean(kl)
+    loss       = agg(max(-A * ratio, -A * clip(ratio))) + kl_coef * agg(kl)
+
+with ``agg`` the global batch's mean by ``loss_agg_mode`` (default: the paper's
+mean over responses of each response's token mean).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from chatlearn.algorithms.core import StatelessRollouts, masked_mean
+from chatlearn.algorithms.core import LossAggregator, StatelessRollouts
 
 
 @dataclass
@@ -28,6 +32,10 @@ class GRPOConfig:
     # > 0: train only on the top_k highest-scoring responses of each group
     # (advantages still come from the whole group).
     select_top_k: int = 0
+    # The GRPO paper's objective: each response's token mean, averaged over responses.
+    loss_agg_mode: str = "seq-mean-token-mean"
+    recompute_old_logprobs: Any = "auto"   # as PPOConfig
+    tis_cap: float = 0.0                   # as PPOConfig
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, std_normalize: bool = True,
@@ -56,8 +64,10 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
-def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return masked_mean(k3_kl(logprobs, ref_logprobs), mask)
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, agg: LossAggregator,
+            loss_agg_mode: str = "token-mean") -> torch.Tensor:
+    """The k3 KL to the reference, aggregated like the policy loss (its global-batch share)."""
+    return agg.loss(k3_kl(logprobs, ref_logprobs), loss_agg_mode)
 
 
 class GRPORollouts(StatelessRollouts):
@@ -89,8 +99,13 @@ class GRPORollouts(StatelessRollouts):
             "groups/solved_none_or_all": float((grouped.std(dim=1) == 0).float().mean()),
             "response_length/mean": float(mask.sum(-1).mean()),
         }
-        out = {**batch, "advantages": advantages[:, None] * mask}
+        batch["advantages"] = advantages[:, None] * mask  # in place: the rollout dump records every response
+        out = batch
         if self.cfg.select_top_k:
             keep = top_k_in_groups(scores, self.group_size, self.cfg.select_top_k).tolist()
             out = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in out.items()}
         return out, metrics
+
+    def is_trainable(self, sample: dict) -> bool:
+        """A response whose group scored all alike has zero advantage: alone it teaches nothing."""
+        return bool(sample["advantages"].abs().sum() > 0)

@@ -7,8 +7,12 @@ All tensors are ``[batch, seq]`` and aligned with ``input_ids`` (see
     delta[t]      = rewards[t] + gamma * V[t+1] - V[t]          (V after the response = 0)
     advantage[t]  = delta[t] + gamma * lam * advantage[t+1]
     returns[t]    = advantage[t] + V[t]
-    loss/policy   = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
-    loss/value    = 0.5 * mean(max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2))
+    loss/policy   = agg(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
+    loss/value    = 0.5 * agg(max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2))
+
+``agg`` is the global batch's mean by ``loss_agg_mode`` (``LossAggregator``:
+token-mean by default) and ``ratio = exp(logprob - old_logprob)``, all log-probs
+of the sampling distribution (see docs/algorithms.md, "Which log-probs").
 
 Metric names are stable: ``loss/policy``, ``loss/value``, ``clipfrac``,
 ``approx_kl``, ``entropy``, ``kl``, ``value/explained_variance``, ``reward/mean``.
@@ -17,10 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
-from chatlearn.algorithms.core import masked_mean, masked_var
+from chatlearn.algorithms.core import LossAggregator, masked_mean, masked_var
 
 
 @dataclass
@@ -38,6 +43,12 @@ class PPOConfig:
     entropy_coef: float = 0.0
     whiten_advantages: bool = True
     score_clip: float = 0.0         # > 0: clip the sequence score to [-score_clip, score_clip]
+    loss_agg_mode: str = "token-mean"   # how the policy and value losses average (LOSS_AGG_MODES)
+    # Recompute old_logprobs with the trainer before the update (verl): "auto" (on GPU, where
+    # bf16 kernels make the sampler's log-probs differ from the trainer's), True or False.
+    recompute_old_logprobs: Any = "auto"
+    # > 0: weight each token's surrogate by min(pi_old / behaviour, tis_cap) (needs the recompute).
+    tis_cap: float = 0.0
 
 
 class FixedKLController:
@@ -105,31 +116,48 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate loss (token mean) and its diagnostics ``clipfrac``, ``approx_kl``."""
+                agg: LossAggregator, clip_eps: float, loss_agg_mode: str = "token-mean",
+                is_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate loss and its diagnostics ``clipfrac``, ``approx_kl`` (shares of the
+    global batch, see ``LossAggregator``).
+
+    ``is_weights`` ([b, s], no gradient): per-token importance weights that multiply the
+    surrogate, e.g. the truncated ``pi_old / behaviour`` ratios of ``truncated_is_weights``.
+    """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    loss = agg.loss(per_token, loss_agg_mode)
     with torch.no_grad():
         metrics = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "clipfrac": agg.token_mean((clipped > unclipped).float()),
             # Schulman's k3 estimator of KL(old || new): low variance, always >= 0.
-            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
+            "approx_kl": agg.token_mean(ratio - 1.0 - log_ratio),
         }
     return loss, metrics
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_eps: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss (token mean) and ``value/clipfrac``."""
+def truncated_is_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """``min(pi_old / behaviour, cap)`` per token: corrects the mismatch between the
+    distribution the sampler drew from and the trainer's (truncated importance sampling,
+    Yao et al. 2025; TRL's ``vllm_importance_sampling_correction``)."""
+    return torch.exp(old_logprobs - behaviour_logprobs).clamp(max=cap).detach()
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, agg: LossAggregator,
+               clip_eps: float, loss_agg_mode: str = "token-mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss and ``value/clipfrac`` (shares of the global batch)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     unclipped_err = (values - returns) ** 2
     clipped_err = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    loss = 0.5 * agg.loss(torch.maximum(unclipped_err, clipped_err), loss_agg_mode)
     with torch.no_grad():
-        metrics = {"value/clipfrac": masked_mean((clipped_err > unclipped_err).float(), mask)}
+        metrics = {"value/clipfrac": agg.token_mean((clipped_err > unclipped_err).float())}
     return loss, metrics
 
 
@@ -144,7 +172,7 @@ class PPORollouts:
 
     Needs ``scores`` [b] (the reward stage), ``old_logprobs`` (the policy's
     sampling), ``ref_logprobs`` (the reference), ``old_values`` (the value
-    model) and ``loss_mask``; adds ``advantages`` and ``returns``. Advantage
+    model) and ``loss_mask``; adds ``advantages`` and ``returns`` (to the batch itself). Advantage
     whitening is left to the policy trainer, which sees a whole training batch.
     """
 
@@ -172,7 +200,11 @@ class PPORollouts:
             "value/mean": float(masked_mean(batch["old_values"].float(), mask)),
             "returns/mean": float(masked_mean(returns, mask)),
         }
-        return {**batch, "advantages": advantages, "returns": returns}, metrics
+        batch.update(advantages=advantages, returns=returns)  # in place: the rollout dump records them
+        return batch, metrics
+
+    def is_trainable(self, sample: dict) -> bool:
+        return True
 
     def end_episode(self, metrics: dict[str, float]) -> dict[str, float]:
         coef = self.kl_ctl.value  # the coefficient this episode's rewards were shaped with

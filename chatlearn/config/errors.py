@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 # The pseudo-file named by problems that come from ``overrides`` (the command
 # line or the ``overrides=`` argument of ``load_config``), not from a YAML file.
@@ -49,6 +49,8 @@ class ConfigError(ValueError):
         if isinstance(issues, str):
             issues = [ConfigIssue("", "", issues)]
         self.issues: list[ConfigIssue] = list(issues)
+        # What the loader warned about besides (see IssueCollector.warnings).
+        self.warnings: list[str] = []
         super().__init__("\n".join(str(i) for i in self.issues))
 
 
@@ -67,6 +69,14 @@ class IssueCollector:
     ``${name:default}`` expression to ``(typed value, text)``: where the schema
     wants a string, the text is used (``exp_name=2024`` gives ``"2024"``, since
     an environment variable cannot be quoted).
+
+    ``unset_env`` maps the key paths that are None because ``${name}`` named an
+    unset variable (ChatLearn 1.x's rule) to those names, so that a key that
+    needs a value can say which variable to set.
+
+    ``warnings`` are problems that do not stop the config (a ChatLearn 1.x key
+    without effect here, an unset variable, a key given twice), in the same
+    ``file: key: message`` form.
     """
 
     def __init__(self, main_file: str = "", sources: Optional[dict[tuple, str]] = None) -> None:
@@ -75,6 +85,8 @@ class IssueCollector:
         self.issues: list[ConfigIssue] = []
         self.bad: set[tuple] = set()
         self.env_text: dict[tuple, tuple[Any, str]] = {}
+        self.unset_env: dict[tuple, list[str]] = {}
+        self.warnings: list[str] = []
 
     def text_from_env(self, path: tuple, value: Any) -> Optional[str]:
         """The text ``value`` was typed from, if the loader typed it from ``${name:default}`` at ``path``."""
@@ -108,6 +120,15 @@ class IssueCollector:
         if issue not in self.issues:  # the same check may run for CPU and GPU counts
             self.issues.append(issue)
 
+    def warn(self, path: tuple, message: str) -> None:
+        """A warning about the value at ``path``; the file comes from ``sources``."""
+        self.warn_at(self.file_for(path), format_key(path), message)
+
+    def warn_at(self, file: str, key: str, message: str) -> None:
+        text = str(ConfigIssue(file, key, message))
+        if text not in self.warnings:
+            self.warnings.append(text)
+
     def is_bad(self, *paths: tuple) -> bool:
         """Whether any of ``paths``, or one of their parents, already has a problem."""
         return any(tuple(p[:n]) in self.bad for p in paths for n in range(len(p), 0, -1))
@@ -117,7 +138,9 @@ class IssueCollector:
 
     def raise_if_any(self) -> None:
         if self.issues:
-            raise ConfigError(self.issues)
+            err = ConfigError(self.issues)
+            err.warnings = list(self.warnings)
+            raise err
 
 
 def format_key(path: tuple) -> str:
@@ -129,3 +152,11 @@ def format_key(path: tuple) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out
+
+
+def unset_env_message(names: Sequence[str]) -> str:
+    """What a value is missing: the environment variables to set (``${name}`` without a default)."""
+    shown = ", ".join(repr(n) for n in names)
+    plural = len(names) > 1
+    return (f"environment variable{'s' if plural else ''} {shown} {'are' if plural else 'is'} not set "
+            f"(set it, or write ${{{names[0]}:default}} to give a default)")

@@ -12,7 +12,9 @@ run one slot is one CPU process (Ray may oversubscribe the real cores).
     ``num_cpu`` CPU processes (e.g. a rule-based reward); its slots are
     numbered in a separate "cpu" pool (``ModelPlacement.device == "cpu"``).
 * An inference model of ``n`` slots with tensor x pipeline size ``tp*pp`` has
-  ``n / (tp*pp)`` independent replicas. A trainable model is one replica
+  ``n / (tp*pp)`` independent replicas. The sizes are the model's
+  ``tensor_model_parallel_size`` / ``pipeline_model_parallel_size``, which the
+  loader takes from its ``model_config_file`` when set there (ChatLearn 1.x's rule). A trainable model is one replica
   group, data parallel over ``dp = n / (tp*pp)``.
 * Models in one colocation group share slots: slot ``i`` of every member is
   the same device. The group takes as many slots as its largest member.

@@ -18,16 +18,20 @@ when present.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+# ChatLearn 1.x's default lora_layer (its chatlearn.utils.constant.LORA_LAYER).
+LORA_LAYER = "ColumnParallelLinear,Embedding,LinearLayer,RowParallelLinear,VocabParallelEmbedding"
 
 
 @dataclass
 class LoraConfig:
     enable_lora: bool = False
     lora_dim: int = 8
-    # Comma-separated layer types that become LoRA layers.
-    lora_layer: str = "ColumnParallelLinear,LinearLayer,RowParallelLinear"
+    # Comma-separated layer types that become LoRA layers (1.x's default).
+    lora_layer: str = LORA_LAYER
     lora_dropout: float = 0.0
     # Only adapt the fused qkv projection among the column-parallel layers.
     column_only_qkv: bool = False
@@ -78,12 +82,14 @@ class RuntimeConfig:
 
     # Each entry is a comma-separated group of model names sharing devices.
     colocation: list[str] = field(default_factory=list)
-    num_episode: int = 1
-    sample_per_episode: int = 16
+    # Defaults are ChatLearn 1.x's (a 1.x config that leaves a key out means the same here).
+    num_episode: int = 5000
+    sample_per_episode: int = 1000
     num_training_epoch: int = 1
-    generation_batch_size: int = 4
+    generation_batch_size: int = 2
     train_micro_batch_size: int = 2
-    train_global_batch_size: int = 4
+    # None (1.x's default): train_micro_batch_size; filled in when the config is made.
+    train_global_batch_size: Optional[int] = None
     stream_data_loader_type: str = "fixed"
     # Relay buffers: keep the last N episodes (0 off, -1 all).
     max_relay_episode: int = 0
@@ -93,14 +99,24 @@ class RuntimeConfig:
     save_episode_interval: int = 0
     # Evaluate every N episodes (0 off).
     eval_episode_interval: int = 0
+    # Evaluate once before the first episode too (when evaluating at all).
+    enable_eval_before_training: bool = False
     # Must exist when non-empty; a relative path is resolved from the directory
     # of the file that names it (the loaded config holds the absolute path).
     data_path: Optional[str] = None
+    # Use only the first N prompts of data_path (-1 or 0: all). A 1.x example key.
+    training_data_num_limit: int = -1
+    # Visit data_path's prompts in a seeded shuffled order each pass (false: file order).
+    data_shuffle: bool = True
+    # The field of each data_path record that holds the prompt text (null: records as they are).
+    query_key: Optional[str] = None
     eval_data_path: Optional[str] = None
+    # Use only the first N evaluation prompts (null, 0 or -1: all). A 1.x example key.
+    eval_data_num_limit: Optional[int] = None
     # Where checkpoints go; empty means ``<output_dir>/<exp_name>/checkpoints``.
     data_checkpoint_path: Optional[str] = None
-    output_dir: str = "output"
-    exp_name: str = "chatlearn"
+    output_dir: str = "./"
+    exp_name: str = "CHATLEARN"
     enable_resume_training: bool = True
     adaptive_parallel_strategy_on_checkpoint: bool = False
     validate_param_sync: bool = False
@@ -119,16 +135,37 @@ class RuntimeConfig:
     # Write each episode's rollouts to <dir>/episode_<N>.jsonl (prompt, response, logprobs, reward, ...).
     rollout_dump_dir: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        if self.train_global_batch_size is None:  # ChatLearn 1.x: one micro-batch per step
+            self.train_global_batch_size = self.train_micro_batch_size
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """ChatLearn 1.x's ``runtime_args.get(key)``: the value of ``key``, or ``default``."""
+        return getattr(self, key, default)
+
+    @property
+    def run_dir(self) -> str:
+        """Where a run writes metrics, checkpoints and exports: ``output_dir/exp_name``, or
+        ``output_dir`` itself when it already ends with ``exp_name`` (ChatLearn 1.x's rule:
+        its run scripts pass ``output_dir=.../<exp_name>``)."""
+        last = os.path.basename(os.path.normpath(self.output_dir)) if self.output_dir else ""
+        return self.output_dir if last == self.exp_name else os.path.join(self.output_dir, self.exp_name)
+
 
 @dataclass
 class RuntimeEnvConfig:
     """The ``runtime_env:`` section: how Ray workers start."""
 
-    platform: str = "local"
+    platform: str = ""
     env_vars: dict[str, str] = field(default_factory=dict)
     working_dir: Optional[str] = None
     excludes: list[str] = field(default_factory=list)
     pip: list[str] = field(default_factory=list)
+    py_modules: list[str] = field(default_factory=list)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """ChatLearn 1.x's ``env_args.get(key)``: the value of ``key``, or ``default``."""
+        return getattr(self, key, default)
 
 
 @dataclass
@@ -138,6 +175,8 @@ class ChatLearnConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Absolute path of the YAML file the config was loaded from; set by the loader.
     config_path: str = field(default="", metadata={"internal": True})
+    # What the loader warned about (1.x keys without effect, unset variables, duplicate keys, ...).
+    warnings: list[str] = field(default_factory=list, metadata={"internal": True})
 
     @property
     def runtime_args(self) -> RuntimeConfig:
@@ -168,7 +207,7 @@ class VLLMArgs:
     top_k: int = -1
     temperature: float = 1.0
     use_beam_search: bool = False
-    eval_temperature: float = 0.0
+    eval_temperature: float = 1.0  # ChatLearn 1.x: evaluation samples at temperature 1 unless told
     eval_top_k: int = -1
     eval_top_p: float = 1.0
     # Responses per prompt in evaluation (greedy decoding allows only 1).

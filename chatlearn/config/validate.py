@@ -13,6 +13,11 @@ Two passes, both collecting problems instead of stopping at the first:
    The device-count checks run for each kind of run the config can make (GPU
    counts and CPU counts); a key that already failed pass 1 is skipped, so one
    mistake gives one message.
+
+ChatLearn 1.x's keys (``chatlearn.config.compat``): its old names are read as
+ours, its keys without effect here are accepted with a warning, a null where 1.x
+meant "not set" takes our default, and a model's parallel sizes come from its
+``model_config_file`` as in 1.x.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import os
 import re
 from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
-from chatlearn.config.errors import IssueCollector, display_path
+from chatlearn.config import compat
+from chatlearn.config.errors import IssueCollector, display_path, unset_env_message
 from chatlearn.config.placement import CPU, GPU, device_count, parse_colocation
 from chatlearn.config.schema import (
     BatchGenerationConfig,
@@ -76,6 +82,15 @@ def _non_empty(v: Any) -> Optional[str]:
     return None if v else "a non-empty string"
 
 
+def _top_p(v: Any) -> Optional[str]:
+    # 0 is ChatLearn 1.x's "no limit" (as 1.0 is): compat.vllm_top_p maps it for vLLM.
+    return None if 0 <= v <= 1 else "a value in [0, 1] (0 or 1: no limit)"
+
+
+def _top_k(v: Any) -> Optional[str]:
+    return None if v >= -1 else "-1 or 0 (no limit) or a positive int"
+
+
 _RULES: dict[type, dict[str, list[Rule]]] = {
     ModelConfig: {
         "num_gpu": [_at_least(0)],
@@ -114,18 +129,19 @@ _RULES: dict[type, dict[str, list[Rule]]] = {
         "actor_timeout_s": [_greater_than(0)],
         "max_data_ckpt_nums": [_at_least(0)],
         "load_data_checkpoint_iteration": [_at_least(1)],
+        "training_data_num_limit": [_at_least(-1)],
+        "eval_data_num_limit": [_at_least(-1)],
+        "query_key": [_non_empty],
     },
-    RuntimeEnvConfig: {
-        "platform": [_non_empty],
-    },
+    RuntimeEnvConfig: {},
     VLLMArgs: {
         "n": [_at_least(1)],
-        "top_p": [_within(0, 1, lo_open=True)],
-        "top_k": [_minus_one_or_positive("no limit")],
+        "top_p": [_top_p],
+        "top_k": [_top_k],
         "temperature": [_at_least(0)],
         "eval_temperature": [_at_least(0)],
-        "eval_top_k": [_minus_one_or_positive("no limit")],
-        "eval_top_p": [_within(0, 1, lo_open=True)],
+        "eval_top_k": [_top_k],
+        "eval_top_p": [_top_p],
         "eval_n": [_at_least(1)],
         "max_new_tokens": [_at_least(1)],
         "prompt_logprobs": [_at_least(0)],
@@ -223,13 +239,17 @@ def _check_type(tp: Any, value: Any, path: tuple, issues: IssueCollector, string
 def _env_text(tp: Any, value: Any, path: tuple, issues: IssueCollector) -> Optional[str]:
     """For a str field: the text a number or bool was typed from by ``${name:default}``, else None.
     (An environment variable cannot be quoted: ``exp_name=2024`` must give the string "2024".)"""
-    if tp is not str or not isinstance(value, (bool, int, float)):
+    if tp is not str or not isinstance(value, (bool, int, float, list, dict)):
         return None
     return issues.text_from_env(path, value)
 
 
 def _is_scalar_type(tp: Any) -> bool:
     return tp in (int, float, bool, str)
+
+
+def _is_optional(tp: Any) -> bool:
+    return tp is Any or (get_origin(tp) is Union and type(None) in get_args(tp))
 
 
 def _matches_scalar(tp: Any, value: Any) -> bool:
@@ -262,14 +282,17 @@ def _build_section(cls: type, value: Any, path: tuple, issues: IssueCollector) -
     hints = get_type_hints(cls)
     valid = config_keys(cls)
     hint = "; backend arguments go in model_config_file or under args_dict" if cls is ModelConfig else ""
+    value = _read_aliases(cls, value, path, issues)
     kwargs = {}
     for key, raw in value.items():
         key_path = path + (key,)
         if key not in valid:
-            issues.add(key_path, _unknown_key_message(key, valid, hint))
+            _unknown_key(cls, key, key_path, valid, hint, issues)
             continue
-        if issues.is_bad(key_path):  # e.g. an unset environment variable: already reported
+        if issues.is_bad(key_path):  # already reported
             continue
+        if raw is None and _null_value(cls, key, hints[key], key_path, issues):
+            continue  # the default (1.x's "not set"), or a problem recorded
         if key == "models" and cls is ChatLearnConfig:
             checked = _build_models(raw, key_path, issues)
         else:
@@ -279,6 +302,53 @@ def _build_section(cls: type, value: Any, path: tuple, issues: IssueCollector) -
         if _check_rules(cls, key, checked, key_path, issues, written=raw):
             kwargs[key] = checked
     return cls(**kwargs)
+
+
+def _unknown_key(cls: type, key: Any, path: tuple, valid: list[str], hint: str, issues: IssueCollector) -> None:
+    """A key the schema does not have: a ChatLearn 1.x key (renamed, or without effect here) or a mistake."""
+    renamed = compat.RENAMED.get(cls, {}).get(key)
+    reason = compat.INERT_KEYS.get(cls, {}).get(key)
+    if renamed is not None:
+        issues.add(path, f"{key!r} was replaced by {renamed!r} (ChatLearn 1.x refuses it too): write {renamed}")
+    elif reason is not None:
+        issues.warn(path, f"a ChatLearn 1.x key that has no effect here: {reason}")
+    else:
+        issues.add(path, _unknown_key_message(key, valid, hint))
+
+
+def _read_aliases(cls: type, value: dict, path: tuple, issues: IssueCollector) -> dict:
+    """``value`` with ChatLearn 1.x's old key names (``compat.ALIASES``) read as ours, in place."""
+    aliases = compat.ALIASES.get(cls, {})
+    if not any(old in value for old in aliases):
+        return value
+    out = {}
+    for key, raw in value.items():
+        new = aliases.get(key)
+        if new is None:
+            out[key] = raw
+        elif new in value:
+            issues.warn(path + (key,), f"ChatLearn 1.x's old name for {new!r}; ignored, since {new!r} is given too "
+                                       f"(as in 1.x)")
+        else:
+            issues.warn(path + (key,), f"ChatLearn 1.x's old name for {new!r}; read as {new!r} (rename it)")
+            out[new] = raw
+            old_path, new_path = path + (key,), path + (new,)
+            for p in [p for p in issues.sources if p[:len(old_path)] == old_path]:
+                issues.sources[new_path + p[len(old_path):]] = issues.sources[p]
+            for table in (issues.env_text, issues.unset_env):
+                for p in [p for p in table if p[:len(old_path)] == old_path]:
+                    table[new_path + p[len(old_path):]] = table.pop(p)
+    return out
+
+
+def _null_value(cls: type, key: str, tp: Any, path: tuple, issues: IssueCollector) -> bool:
+    """For a null ``cls.key``: True if it is settled (a problem recorded, or the default stands)."""
+    unset = issues.unset_env.get(tuple(path))
+    none_is_default = key in compat.NONE_MEANS_DEFAULT.get(cls, ())
+    if unset and (key in compat.NEEDS_VALUE.get(cls, ()) or not (_is_optional(tp) or none_is_default)):
+        issues.add(path, f"needs a value, but {unset_env_message(unset)}")
+        return True
+    return none_is_default
 
 
 def _check_rules(cls: type, key: str, value: Any, path: tuple, issues: IssueCollector,
@@ -313,7 +383,46 @@ def _build_models(value: Any, path: tuple, issues: IssueCollector) -> Any:
         model.name = name
         _check_vllm_args(model, model_path + ("args_dict",), issues)
         models[name] = model
+    _read_model_file_sizes(models, value, path, issues)
     return models
+
+
+def _read_model_file_sizes(models: dict[str, ModelConfig], entries: dict, path: tuple,
+                           issues: IssueCollector) -> None:
+    """Parallel sizes given in a model's ``model_config_file`` (its args_dict) are the model's, as in
+    ChatLearn 1.x. Given in both places they must agree. A null there (an unset ``${policy_pp}``)
+    means "not set", as in 1.x. In a config whose models use GPUs, a model with ``num_gpu: 0`` runs as
+    ``num_cpu`` one-process replicas (1.x's CPU models): its file's sizes are not used."""
+    gpu_config = any(m.num_gpu > 0 for m in models.values())
+    for name, model in models.items():
+        entry = entries.get(name) if isinstance(entries.get(name), dict) else {}
+        for key in compat.MODEL_FILE_SIZES:
+            arg_path = path + (name, "args_dict", key)
+            value = model.args_dict.get(key)
+            if value is None or issues.is_bad(arg_path):
+                continue
+            if not _matches_scalar(int, value) or value < 1:
+                issues.add(arg_path, f"expected an int >= 1, got {_got(value)}")
+                continue
+            file = display_path(issues.file_for(arg_path))
+            if gpu_config and model.num_gpu == 0 and model.num_cpu > 0:
+                if value != 1 and entry.get(key) is None:
+                    issues.warn(arg_path, f"{key} {value} is not used: model {name!r} has num_gpu: 0 in a config "
+                                          f"whose other models use GPUs, so it runs as num_cpu one-process replicas "
+                                          f"(as in ChatLearn 1.x); set models.{name}.{key} to change that")
+                continue
+            top_path = path + (name, key)
+            if entry.get(key) is not None:
+                if issues.is_bad(top_path) or getattr(model, key) == value:
+                    continue
+                model_file = display_path(model.model_config_file)
+                where = "the model_config_file" if file == model_file else \
+                    f"included by the model_config_file {model_file}"
+                issues.add(top_path, f"{getattr(model, key)} disagrees with {key}: {value} in {file} ({where}); "
+                                     f"ChatLearn 1.x takes the model file's value: give it in one place, or make "
+                                     f"them agree")
+                continue
+            setattr(model, key, value)
 
 
 def _check_vllm_args(model: ModelConfig, path: tuple, issues: IssueCollector) -> None:
@@ -322,6 +431,10 @@ def _check_vllm_args(model: ModelConfig, path: tuple, issues: IssueCollector) ->
     vllm_keys = set(config_keys(VLLMArgs))
     for key, value in model.args_dict.items():
         if key not in vllm_keys or issues.is_bad(path + (key,)):
+            continue
+        unset = issues.unset_env.get(path + (key,))
+        if value is None and unset and not _is_optional(hints[key]):
+            issues.add(path + (key,), f"needs a value, but {unset_env_message(unset)}")
             continue
         checked = _check_type(hints[key], value, path + (key,), issues)
         if checked is not _INVALID:
@@ -419,10 +532,12 @@ def _check_sizes(cfg: ChatLearnConfig, kind: str, issues: IssueCollector) -> Non
         if m.trainable and not issues.is_bad(micro_key, global_key):
             step = rt.train_micro_batch_size * dp
             if rt.train_global_batch_size % step:
+                unset = "" if global_key in issues.sources or not issues.sources else \
+                    " (not set: ChatLearn 1.x's default is train_micro_batch_size; set it)"
                 issues.add(global_key, f"expected a multiple of train_micro_batch_size × data-parallel size of "
                                        f"trainable model {name!r} = {rt.train_micro_batch_size} × {dp} = {step} "
                                        f"(DP = {key} {count} / (TP {tp} × PP {pp})), "
-                                       f"got {rt.train_global_batch_size}")
+                                       f"got {rt.train_global_batch_size}{unset}")
 
 
 def _check_batch_sizes(cfg: ChatLearnConfig, issues: IssueCollector) -> None:
@@ -445,7 +560,13 @@ def _check_data_paths(cfg: ChatLearnConfig, issues: IssueCollector) -> None:
             continue
         target = os.path.abspath(os.path.join(issues.base_dir_for(path), os.path.expanduser(value)))
         if not os.path.exists(target):
-            issues.add(path, f"path not found: {value!r} (looked for {display_path(target)})")
+            message = f"path not found: {value!r} (looked for {display_path(target)})"
+            if key == "eval_data_path" and cfg.runtime.eval_episode_interval == 0 \
+                    and not issues.is_bad(("runtime", "eval_episode_interval")):
+                # ChatLearn 1.x reads the evaluation data only when it evaluates.
+                issues.warn(path, f"{message}; not read, since eval_episode_interval is 0")
+            else:
+                issues.add(path, message)
         else:
             setattr(cfg.runtime, key, target)
 

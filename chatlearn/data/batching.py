@@ -101,6 +101,61 @@ def _collate_key(key: str, values: list[Any], pad_values: Mapping[str, Any]) -> 
     )
 
 
+# Keys the batching path adds to every training micro-batch (see split_global_batch).
+SAMPLE_VALID = "sample_valid"
+
+
+def split_global_batch(samples: Sequence[Mapping[str, Any]], dp_size: int, micro_batch_size: int,
+                       pad_values: Optional[Mapping[str, Any]] = None) -> list[list[Batch]]:
+    """Split one global batch over ``dp_size`` data-parallel ranks and into micro-batches.
+
+    The one splitter every caller uses (the engine's trainers, Megatron's forward
+    and training, the standalone examples). Nothing is dropped and nothing fails
+    on an awkward size: every rank gets the same number ``k`` of micro-batches,
+    every micro-batch the same number of rows ``r``, with
+
+        k = ceil(n / (dp_size * micro_batch_size)),   r = ceil(n / (dp_size * k)) <= micro_batch_size
+
+    (equal shapes keep pipeline stages and data-parallel collectives paired). The
+    ``n`` samples are cut into ``dp_size`` contiguous shards whose sizes differ by
+    at most one (lower ranks get the extra sample), each shard fills its rank's
+    micro-batches in order, and the ``dp_size * k * r - n`` empty rows left at the
+    tail of some ranks are *padding rows*: copies of a real sample whose
+    ``loss_mask`` (and every ``*_loss_mask``) is zero. Every micro-batch carries
+    ``sample_valid`` ([r] float, 1 for a real sample, 0 for padding), so losses
+    (``chatlearn.algorithms.core.LossAggregator``) and metrics leave padding out:
+    padding changes no gradient.
+    """
+    if dp_size <= 0 or micro_batch_size <= 0:
+        raise ValueError(f"dp_size and micro_batch_size must be positive, got {dp_size} and {micro_batch_size}")
+    n = len(samples)
+    if n == 0:
+        raise ValueError("split_global_batch: the global batch is empty")
+    k = -(-n // (dp_size * micro_batch_size))
+    r = -(-n // (dp_size * k))
+    per_rank: list[list[Batch]] = []
+    start = 0
+    for size in shard_sizes(n, dp_size):
+        shard = [{**s, SAMPLE_VALID: torch.tensor(1.0)} for s in samples[start:start + size]]
+        start += size
+        filler = _padding_row(shard[-1] if shard else samples[-1])
+        shard += [filler] * (k * r - len(shard))
+        per_rank.append([collate(shard[i * r:(i + 1) * r], pad_values) for i in range(k)])
+    return per_rank
+
+
+def _padding_row(sample: Mapping[str, Any]) -> Sample:
+    """A row that shapes like ``sample`` and weighs nothing: its loss masks are zero."""
+    row = {key: torch.zeros_like(value) if _is_loss_mask(key) and isinstance(value, torch.Tensor) else value
+           for key, value in sample.items()}
+    row[SAMPLE_VALID] = torch.tensor(0.0)
+    return row
+
+
+def _is_loss_mask(key: str) -> bool:
+    return key == "loss_mask" or key.endswith("_loss_mask")
+
+
 def shard_sizes(total: int, parts: int) -> list[int]:
     """Sizes of ``parts`` contiguous shards of ``total`` items, differing by at most one.
 

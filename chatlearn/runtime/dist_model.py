@@ -133,7 +133,7 @@ class DistModel:
 
     def init_distributed(self, timeout_s: float) -> list[ray.ObjectRef]:
         """Each replica's ranks rendezvous at its rank 0's address."""
-        addresses = self.tracker.get([self._track(r[0], "start", r[0].actor.address.remote())
+        addresses = self.tracker.get([self._track(r[0], "start", r[0].actor.rendezvous_address.remote())
                                       for r in self.replicas], timeout_s)
         refs = []
         for replica, (addr, port) in zip(self.replicas, addresses):

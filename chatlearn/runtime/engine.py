@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import sys
@@ -26,8 +27,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 import torch
 
 from chatlearn.config.globals import get_args
-from chatlearn.data.batching import collate, split_batch
-from chatlearn.data.prompts import PromptDataset, filter_min_prompt_length, rank_by_length
+from chatlearn.data.batching import collate, derive_seed, split_batch, split_global_batch
+from chatlearn.data.prompts import (PromptDataset, filter_min_prompt_length, limit_prompts, rank_by_length,
+                                    with_prompt_field)
 from chatlearn.data.relay import RelayBuffers
 from chatlearn.data.stream_dataset import StreamDataset
 from chatlearn.models.base import BaseModule
@@ -35,11 +37,17 @@ from chatlearn.runtime.calls import CallTracker
 from chatlearn.runtime.dist_model import DistModel, RemoteBatch
 from chatlearn.runtime.flow import BaseFlow, Environment, Evaluator, Trainer
 from chatlearn.synchronizer.base import ParameterSynchronizer, StateDictSynchronizer
-from chatlearn.utils.atomic import atomic_checkpoint, atomic_torch_save, latest_complete_checkpoint
+from chatlearn.data.rollout_dump import rollout_record
+from chatlearn.utils.atomic import (atomic_checkpoint, atomic_torch_save, atomic_write_bytes, checkpoint_path,
+                                    is_complete, latest_intact_checkpoint, remove_abandoned,
+                                    set_aside_checkpoints_after, verify_checkpoint)
 from chatlearn.utils.logging import get_logger
 from chatlearn.utils.metrics import MetricsWriter, mean_metrics
 
 logger = get_logger(__name__)
+
+# Request seeds are 63-bit (vLLM seeds a torch generator with them).
+_SEED_MASK = (1 << 63) - 1
 
 # Starting workers (process start, imports, model build) is not what
 # runtime.actor_timeout_s guards, and can take minutes for large models.
@@ -51,41 +59,33 @@ class FlowError(ValueError):
 
 
 class TrainBatch:
-    """One global training batch: the samples, split per trainer by its data-parallel size."""
+    """One global training batch; each trainer splits it for its own data-parallel size."""
 
     def __init__(self, samples: list[dict], micro_batch_size: int):
         self.samples = samples
         self.micro_batch_size = micro_batch_size
 
     def per_dp_rank(self, dp_size: int) -> list[list[dict]]:
-        """Equal contiguous shards, each cut into collated micro-batches.
-
-        Every data-parallel rank must run the same number of micro-batches (their
-        collectives pair up), so a batch that does not divide by ``dp_size`` (dynamic
-        mode's short last batch) leaves its last ``len % dp_size`` samples out.
-        """
-        usable = len(self.samples) - len(self.samples) % dp_size
-        if usable < len(self.samples):
-            logger.warning("a training batch of %d samples does not split over %d data-parallel ranks: "
-                           "training on %d of them", len(self.samples), dp_size, usable)
-        shard, mb = usable // dp_size, self.micro_batch_size
-        per_rank = []
-        for rank in range(dp_size):
-            mine = self.samples[rank * shard:(rank + 1) * shard]
-            per_rank.append([collate(mine[i:i + mb]) for i in range(0, shard, mb)])
-        return per_rank
+        """``split_global_batch``: equal micro-batch counts and shapes on every rank, the
+        short tail padded with rows that weigh nothing (never dropped)."""
+        return split_global_batch(self.samples, dp_size, self.micro_batch_size)
 
 
 class RolloutProcessor(Protocol):
     """Driver-side step between the environment and the trainer (see chatlearn/algorithms).
 
     ``process`` turns one environment-flow output batch into training data
-    (e.g. KL-shaped rewards and GAE advantages) and returns metrics about it;
+    (e.g. KL-shaped rewards and GAE advantages) and returns metrics about it; it
+    may add per-rollout keys (advantages) to the batch it is given, which the
+    rollout dump records. ``is_trainable(sample)`` says whether a training sample
+    can teach anything (a global batch with none is skipped, not trained on).
     ``end_episode`` sees the episode's averaged metrics (e.g. to adapt a KL
     coefficient) and may add some. Its state is saved in checkpoints.
     """
 
     def process(self, batch: dict, episode: int) -> tuple[dict, dict[str, float]]: ...
+
+    def is_trainable(self, sample: dict) -> bool: ...
 
     def end_episode(self, metrics: dict[str, float]) -> dict[str, float]: ...
 
@@ -125,7 +125,11 @@ class Engine:
         self.history: list[dict[str, float]] = []
         self.initial_eval: dict[str, float] = {}  # evaluation before the first episode
         self.start_episode = 0
+        self._resume_from: Optional[tuple[int, str]] = None  # (episode, checkpoint dir)
         self._steps_this_episode = 0
+        self._skipped_this_episode = 0
+        # Syncs each inference model has received: the policy version of what it samples.
+        self.weight_versions: dict[str, int] = {}
 
     # -- user API ----------------------------------------------------------------
     def set_dataset(self, prompts: list) -> "Engine":
@@ -192,6 +196,7 @@ class Engine:
         if self.runtime.debug:
             logging.getLogger("chatlearn").setLevel("DEBUG")
         self._check_relay()
+        self._check_resume_settings()
         self._start_ray()
         self._create_models()
         self._setup_data()
@@ -243,6 +248,8 @@ class Engine:
                 job["excludes"] = list(env.excludes)
         if env.pip:
             job["pip"] = list(env.pip)
+        if env.py_modules:
+            job["py_modules"] = list(env.py_modules)
         return job
 
     def _worker_env(self) -> dict[str, str]:
@@ -283,7 +290,9 @@ class Engine:
 
     def _setup_data(self) -> None:
         first = self.dist[self.environment.graph[0].model]
-        samples = _as_samples(first.call_output_ranks("build_dataset", self.prompts, False)[0])
+        prompts = with_prompt_field(limit_prompts(self.prompts, self.runtime.training_data_num_limit),
+                                    self.runtime.query_key)
+        samples = _as_samples(first.call_output_ranks("build_dataset", prompts, False)[0])
         min_length = self.config.models[first.name].batch_generation.min_prompt_length
         if min_length > 0:
             kept = filter_min_prompt_length(samples, min_length)
@@ -293,18 +302,23 @@ class Engine:
                 raise ValueError(f"models.{first.name}.batch_generation.min_prompt_length={min_length} "
                                  f"drops every prompt")
             samples = kept
-        self.prompt_data = PromptDataset(samples, seed=self.runtime.seed)
+        self.prompt_data = PromptDataset(samples, seed=self.runtime.seed, shuffle=self.runtime.data_shuffle)
         self.relay = RelayBuffers(self.runtime.max_relay_episode, self.runtime.relay_episode_offset,
                                   seed=self.runtime.seed)
         if self.evaluator is not None and self.evaluator.prompts is not None:
             first_eval = self.dist[self.evaluator.graph[0].model]
-            self.eval_samples = _as_samples(first_eval.call_output_ranks("build_dataset", self.evaluator.prompts,
-                                                                         True)[0])
+            prompts = with_prompt_field(limit_prompts(self.evaluator.prompts, self.runtime.eval_data_num_limit),
+                                        self.runtime.query_key)
+            self.eval_samples = _as_samples(first_eval.call_output_ranks("build_dataset", prompts, True)[0])
 
     def _setup_output(self) -> None:
-        self.run_dir = os.path.join(self.runtime.output_dir, self.runtime.exp_name)
+        """Pick the checkpoint to resume from (before anything is logged: an interrupted
+        attempt's metrics after it are cut away) and open the metrics."""
+        self.run_dir = self.runtime.run_dir
         self.checkpoint_root = self.runtime.data_checkpoint_path or os.path.join(self.run_dir, "checkpoints")
-        self._metrics = MetricsWriter(self.run_dir)
+        self._resume_from = self._find_checkpoint()
+        start = self._resume_from[0] + 1 if self._resume_from else 0
+        self._metrics = MetricsWriter(self.run_dir, start_episode=start)
 
     # -- the episode loop --------------------------------------------------------
     def _run_episodes(self) -> None:
@@ -315,7 +329,7 @@ class Engine:
             logger.info("all %d episodes are already done (checkpoints in %s): nothing to run; raise "
                         "runtime.num_episode to continue, or use a new output_dir", self.runtime.num_episode,
                         self.checkpoint_root)
-        if self.start_episode == 0 and self._evaluates():
+        if self.start_episode == 0 and self._evaluates() and self.runtime.enable_eval_before_training:
             # A baseline, so the first logged evaluation after training has something to beat.
             self.initial_eval = self.evaluate(-1)
             self._metrics.write(-1, self.initial_eval)
@@ -344,21 +358,27 @@ class Engine:
 
         with timer("time/environment"):
             self._phase(active=self._flow_models(self.environment))
-            samples, rollout_metrics, rollout_sizes = [], [], []
-            for batch in self._run_flow(self.environment, self._episode_prompts()):
+            samples, rollout_metrics, rollout_sizes, rollouts = [], [], [], []
+            for batch in self._run_flow(self.environment, self._episode_prompts(episode), episode):
                 if self.rollout_processor is not None:
-                    batch, batch_metrics = self.rollout_processor.process(batch, episode)
+                    train_batch, batch_metrics = self.rollout_processor.process(batch, episode)
                     rollout_metrics.append(batch_metrics)
                     rollout_sizes.append(_batch_size(batch))
-                batch = split_batch(batch)
-                samples += batch
+                else:
+                    train_batch = batch
+                if self.runtime.rollout_dump_dir:
+                    rollouts += split_batch(batch)
+                train_batch = split_batch(train_batch)
+                samples += train_batch
                 if streaming:
-                    stream.extend(batch)
+                    stream.extend(train_batch)
                     self._train_steps(stream.ready_batches())
         metrics["samples/environment"] = len(samples)
         if self.rollout_processor is not None:
             metrics.update(mean_metrics(rollout_metrics, rollout_sizes))
             metrics.update(self.rollout_processor.end_episode(dict(metrics)))
+        if self.runtime.rollout_dump_dir:
+            self._dump_rollouts(episode, rollouts)
         if self.runtime.stream_data_loader_type == "fixed" and len(samples) != self.runtime.sample_per_episode:
             raise ValueError(f"environment flow {self.environment.fn_name}() produced {len(samples)} samples; "
                              f"runtime.stream_data_loader_type 'fixed' needs exactly "
@@ -375,6 +395,10 @@ class Engine:
             self._phase(active=self._flow_models(self.trainer))
             self._train_steps(stream.iter_train_batches())
             metrics.update(self._collect_train_metrics())
+        if not metrics["train/steps"]:
+            logger.warning("episode %d: no trainable samples (%d samples, %d global batches without one; e.g. "
+                           "every online-DPO pair tied, or every GRPO group scored alike): training skipped",
+                           episode + 1, stream.num_samples, int(metrics["train/skipped_batches"]))
 
         with timer("time/sync"):
             self._sync_parameters(episode, metrics)
@@ -389,16 +413,24 @@ class Engine:
                     metrics[f"time/{name}.{method}"] = seconds
         return metrics
 
-    def _episode_prompts(self) -> list[dict]:
+    def _episode_prompts(self, episode: int) -> list[dict]:
         prompts = self.prompt_data.next_episode(self.runtime.sample_per_episode)
         if self.config.models[self.environment.graph[0].model].batch_generation.ranking:
             prompts = rank_by_length(prompts)
         return prompts
 
-    def _run_flow(self, flow: BaseFlow, samples: list[dict]) -> Iterator[dict]:
+    def _run_flow(self, flow: BaseFlow, samples: list[dict], episode: int) -> Iterator[dict]:
         """Push every batch of ``samples`` through ``flow`` at once (stages of different
         batches overlap on different replicas), then yield each output batch in order
-        as it completes."""
+        as it completes.
+
+        Each sample gets a ``request_seed`` from (runtime.seed, flow, episode, its index):
+        a sampler that seeds each request with it (vLLM's ``request_seeds``) draws the
+        same responses whether or not the run was interrupted and resumed.
+        """
+        kind = 1 if flow is self.evaluator else 0
+        samples = [{**s, "request_seed": derive_seed(self.runtime.seed, kind, episode, i) & _SEED_MASK}
+                   for i, s in enumerate(samples)]
         first = self.config.models[flow.graph[0].model]
         batch_size = first.generation_batch_size if first.generation_batch_size > 0 \
             else self.runtime.generation_batch_size
@@ -418,29 +450,35 @@ class Engine:
         mode = self.runtime.stream_data_loader_type
         if self.relay_sample_fn is not None and self.relay.relay_active(episode):
             mode = "dynamic"
-        # Trainers may differ in data-parallel size, so the stream hands out whole
-        # global batches of samples (one uncollated "micro-batch" on one rank) and
-        # each trainer's DistModel splits them for its own ranks (TrainBatch).
-        global_batch = self.runtime.train_global_batch_size
+        # The stream hands out whole global batches; each trainer's DistModel splits them
+        # for its own data-parallel size (TrainBatch).
         stream = StreamDataset(
             mode=mode,
             sample_per_episode=self.runtime.sample_per_episode,
-            train_global_batch_size=global_batch,
-            train_micro_batch_size=global_batch,
-            dp_size=1,
+            train_global_batch_size=self.runtime.train_global_batch_size,
             num_training_epoch=self.runtime.num_training_epoch,
             seed=self.runtime.seed,
-            collate_fn=list,
         )
         stream.start_episode(episode)
         return stream
 
     def _train_steps(self, steps: Iterable) -> None:
-        """Queue one trainer-flow call per global batch (not waited on here)."""
-        for _epoch, _step, per_rank in steps:
-            (global_batch,) = per_rank[0]
-            self.trainer(TrainBatch(global_batch, self.runtime.train_micro_batch_size))
+        """Queue one trainer-flow call per global batch (not waited on here); a global batch
+        in which no sample can teach anything (``RolloutProcessor.is_trainable``) is skipped."""
+        for _epoch, _step, samples in steps:
+            if self.rollout_processor is not None and not any(map(self.rollout_processor.is_trainable, samples)):
+                self._skipped_this_episode += 1
+                continue
+            self.trainer(TrainBatch(samples, self.runtime.train_micro_batch_size))
             self._steps_this_episode += 1
+
+    def _dump_rollouts(self, episode: int, rollouts: list[dict]) -> None:
+        """``<rollout_dump_dir>/episode_<N>.jsonl``: one line per rollout (see docs/data.md)."""
+        policy = self.environment.graph[0].model
+        version = self.weight_versions.get(policy, 0)
+        lines = [json.dumps(rollout_record(r, i, episode, version)) + "\n" for i, r in enumerate(rollouts)]
+        path = os.path.join(self.runtime.rollout_dump_dir, f"episode_{episode:06d}.jsonl")
+        atomic_write_bytes(path, "".join(lines).encode())
 
     def _collect_train_metrics(self) -> dict[str, float]:
         per_model = {name: mean_metrics([r for r in self.tracker.get(d.take_train_outputs()) if isinstance(r, dict)])
@@ -455,7 +493,8 @@ class Engine:
         merged = {(key if owners[key] == 1 else f"{name}/{key}"): value
                   for name, metrics in per_model.items() for key, value in metrics.items()}
         merged["train/steps"] = float(self._steps_this_episode)
-        self._steps_this_episode = 0
+        merged["train/skipped_batches"] = float(self._skipped_this_episode)
+        self._steps_this_episode = self._skipped_this_episode = 0
         return merged
 
     def _uses_free_memory(self) -> bool:
@@ -468,14 +507,18 @@ class Engine:
                 continue
             self._sync_pair(src, dst, synchronizer, metrics)
 
-    def _sync_pair(self, src: str, dst: str, synchronizer: ParameterSynchronizer, metrics: dict[str, float]) -> None:
+    def _sync_pair(self, src: str, dst: str, synchronizer: ParameterSynchronizer, metrics: dict[str, float],
+                   new_version: bool = True) -> None:
         self._phase(active={src, dst}, offload_others=False)
         stats = synchronizer.sync(self.dist[src], self.dist[dst])
+        if new_version:
+            self.weight_versions[dst] = self.weight_versions.get(dst, 0) + 1
         metrics[f"sync/{src}->{dst}/seconds"] = stats.get("seconds", 0.0)
         # The synchronizer's own numbers (bytes, buckets, export/load seconds, ...).
         metrics.update({f"sync/{src}->{dst}/{k}": float(v) for k, v in stats.items() if k != "seconds"})
         if self.runtime.validate_param_sync:
-            synchronizer.validate(self.dist[src], self.dist[dst])
+            checks = synchronizer.validate(self.dist[src], self.dist[dst]) or {}
+            metrics.update({f"sync/{src}->{dst}/validate_{k}": float(v) for k, v in checks.items()})
         metrics[f"sync/{src}->{dst}/count"] = 1.0
 
     def _evaluates(self) -> bool:
@@ -486,7 +529,8 @@ class Engine:
         if self.evaluator is None or self.evaluator.prompts is None:
             return {}
         self._phase(active=self._flow_models(self.evaluator))
-        results = [s for batch in self._run_flow(self.evaluator, self.eval_samples) for s in split_batch(batch)]
+        results = [s for batch in self._run_flow(self.evaluator, self.eval_samples, episode)
+                   for s in split_batch(batch)]
         if self.evaluator.post_process_func is None:
             return {"eval/num_samples": float(len(results))}
         metrics = self.evaluator.post_process_func(results, episode) or {}
@@ -518,14 +562,16 @@ class Engine:
 
     def save_checkpoint(self, episode: int) -> None:
         """Data state and every model's state, written under a temporary name and
-        renamed into place only once all of it is on disk."""
-        with atomic_checkpoint(self.checkpoint_root, episode) as tmp:
+        renamed into place only once all of it is on disk, with a manifest of every
+        file's size and checksum; then the oldest beyond ``max_data_ckpt_nums`` go."""
+        with atomic_checkpoint(self.checkpoint_root, episode, keep_last=self.runtime.max_data_ckpt_nums) as tmp:
             state = {
                 "episode": episode,
                 "prompts": self.prompt_data.state_dict(),
                 "relay": self.relay.state_dict(),
                 "rollout_processor": self.rollout_processor.state_dict() if self.rollout_processor else None,
                 "iterations": {n: dict(d.iterations) for n, d in self.dist.items()},
+                "weight_versions": dict(self.weight_versions),
                 "history": self.history,
             }
             atomic_torch_save(state, os.path.join(tmp, "data_state.pt"))
@@ -534,13 +580,43 @@ class Engine:
             self.tracker.get(refs)
         logger.info("saved checkpoint of episode %d under %s", episode + 1, self.checkpoint_root)
 
-    def _maybe_resume(self) -> None:
+    def _check_resume_settings(self) -> None:
+        interval = self.runtime.save_episode_interval
+        for src, dst, _ in self.sync_pairs:
+            freq = self.config.models[src].sync_frequency
+            if interval and freq > 1 and interval % freq:
+                logger.warning("models.%s.sync_frequency=%d and runtime.save_episode_interval=%d: a checkpoint "
+                               "between two syncs restarts %s with %s's newer weights, so a resumed run is not "
+                               "exactly the uninterrupted one; make save_episode_interval a multiple of "
+                               "sync_frequency", src, freq, interval, dst, src)
+
+    def _find_checkpoint(self) -> Optional[tuple[int, str]]:
+        """The checkpoint to resume from: ``load_data_checkpoint_iteration``'s, else the newest
+        intact one (a damaged one is reported, naming the file, and skipped); None: start."""
         if not self.runtime.enable_resume_training:
+            return None
+        for path in remove_abandoned(self.checkpoint_root):
+            logger.info("removed %s, a checkpoint an interrupted run did not finish", path)
+        wanted = self.runtime.load_data_checkpoint_iteration
+        if wanted is not None:
+            path = checkpoint_path(self.checkpoint_root, wanted - 1)
+            problem = verify_checkpoint(path) if is_complete(path) else f"no complete checkpoint at {path}"
+            if problem:
+                raise FileNotFoundError(f"runtime.load_data_checkpoint_iteration={wanted}: {problem}")
+            found = (wanted - 1, path)
+        else:
+            found = latest_intact_checkpoint(self.checkpoint_root, report=logger.error)
+        # Newer checkpoints (damaged, or of the history an older resume point abandons) would
+        # be taken for this run's own by the next resume: move them aside, delete nothing.
+        aside = set_aside_checkpoints_after(self.checkpoint_root, found[0] if found else -1)
+        if aside is not None:
+            logger.warning("moved the checkpoints after the one this run resumes from to %s", aside)
+        return (found[0], str(found[1])) if found else None
+
+    def _maybe_resume(self) -> None:
+        if self._resume_from is None:
             return
-        found = latest_complete_checkpoint(self.checkpoint_root)
-        if found is None:
-            return
-        episode, path = found
+        episode, path = self._resume_from
         state = torch.load(os.path.join(path, "data_state.pt"), map_location="cpu", weights_only=False)
         self.prompt_data.load_state_dict(state["prompts"])
         self.relay.load_state_dict(state["relay"])
@@ -548,6 +624,7 @@ class Engine:
             self.rollout_processor.load_state_dict(state["rollout_processor"])
         for name, d in self.dist.items():
             d.iterations.update(state["iterations"].get(name, {}))
+        self.weight_versions = dict(state.get("weight_versions", {}))
         self.history = list(state["history"])
         self.tracker.get([ref for name, d in self._checkpointed_models()
                           for ref in d.all_ranks("load_checkpoint", os.path.join(path, "models", name))])
@@ -556,7 +633,7 @@ class Engine:
         # no checkpoint of its own) take the restored trainer weights now, so the
         # next episode samples from the policy the interrupted run had.
         for src, dst, synchronizer in self.sync_pairs:
-            self._sync_pair(src, dst, synchronizer, {})
+            self._sync_pair(src, dst, synchronizer, {}, new_version=False)
         logger.info("resumed from %s: continuing at episode %d", path, self.start_episode + 1)
 
     # -- teardown ----------------------------------------------------------------

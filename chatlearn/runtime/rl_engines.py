@@ -34,6 +34,31 @@ def _require_dynamic(engine_name: str, reason: str) -> None:
                          f"needs 'dynamic' ({reason}), got {config.runtime.stream_data_loader_type!r}")
 
 
+def _recomputes_old_logprobs(trainer: BaseModule) -> bool:
+    """The trainer's ``recompute_old_logprobs`` (auto: on a GPU run, where the sampler's bf16
+    kernels make its log-probs drift from the trainer's; on CPU both are fp32 and agree to
+    ~1e-6, docs/algorithms.md). ``tis_cap`` needs the recompute: it weighs trainer vs sampler."""
+    from chatlearn.config.placement import GPU, detect_device
+
+    config = get_args()
+    args = _trainer_args(trainer)
+    setting = args.get("recompute_old_logprobs", "auto")
+    if setting not in ("auto", True, False):
+        raise ValueError(f"{_model_file(trainer)}: recompute_old_logprobs: expected auto, true or false, got {setting!r}")
+    recompute = detect_device(config) == GPU if setting == "auto" else setting
+    if float(args.get("tis_cap", 0.0) or 0.0) > 0 and not recompute:
+        raise ValueError(f"{_model_file(trainer)}: tis_cap needs recompute_old_logprobs: true (the truncated "
+                         f"importance weights compare the trainer's log-probs with the sampler's)")
+    return recompute
+
+
+def _model_file(model: BaseModule) -> str:
+    config = get_args()
+    entry = config.models.get(model.name)
+    return (entry.model_config_file if entry is not None and entry.model_config_file else
+            config.config_path or "config") + f" (models.{model.name})"
+
+
 def _samples_per_prompt(policy: BaseModule) -> int:
     models = get_args().models
     return int(models[policy.name].args_dict.get("n", 1)) if policy.name in models else 1
@@ -42,7 +67,7 @@ def _samples_per_prompt(policy: BaseModule) -> int:
 class RLHFEngine(Engine):
     """PPO-style RLHF, as in ChatLearn 1.x:
 
-        environment: policy -> reference and value -> reward
+        environment: policy [-> ppo_policy: old_logprobs] -> reference and value -> reward
         driver:      KL-shaped rewards and GAE advantages (PPORollouts)
         trainer:     ppo_policy.train_step, ppo_value.train_step
         sync:        ppo_policy -> policy, ppo_value -> value
@@ -54,8 +79,12 @@ class RLHFEngine(Engine):
     def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, value: BaseModule,
                  ppo_policy: BaseModule, ppo_value: BaseModule, evaluator: Optional[Evaluator] = None,
                  compute_advantages: bool = True):
+        recompute = compute_advantages and _recomputes_old_logprobs(ppo_policy)
+
         def env_flow(batch):
             policy_out = policy.forward_step(batch)
+            if recompute:  # old_logprobs from the trainer, the sampler's kept as behaviour_logprobs
+                policy_out = ppo_policy.forward_step(policy_out)
             ref_out = reference.forward_step(policy_out)
             value_out = value.forward_step(policy_out)
             return reward.forward_step(policy_out, ref_out, value_out)
@@ -75,9 +104,11 @@ class _CriticFreeEngine(Engine):
     algorithm's rollout processor in the driver, ppo_policy trains, sync to policy."""
 
     def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, ppo_policy: BaseModule,
-                 evaluator: Optional[Evaluator], processor):
+                 evaluator: Optional[Evaluator], processor, recompute: bool = False):
         def env_flow(batch):
             policy_out = policy.forward_step(batch)
+            if recompute:  # old_logprobs from the trainer, the sampler's kept as behaviour_logprobs
+                policy_out = ppo_policy.forward_step(policy_out)
             ref_out = reference.forward_step(policy_out)
             return reward.forward_step(policy_out, ref_out)
 
@@ -91,7 +122,7 @@ class _CriticFreeEngine(Engine):
 class GRPOEngine(_CriticFreeEngine):
     """GRPO: no value model; ``n`` responses per prompt scored and normalised within their group.
 
-        environment: policy (n samples per prompt) -> reference -> reward
+        environment: policy (n samples per prompt) [-> ppo_policy: old_logprobs] -> reference -> reward
         driver:      group-normalised advantages, optional top-k (GRPORollouts)
         trainer:     ppo_policy.train_step (clipped loss + KL loss to the reference)
         sync:        ppo_policy -> policy
@@ -101,7 +132,8 @@ class GRPOEngine(_CriticFreeEngine):
                  evaluator: Optional[Evaluator] = None):
         _require_dynamic("GRPOEngine", "each prompt yields n responses")
         processor = GRPORollouts(config_from_args(GRPOConfig, _trainer_args(ppo_policy)), _samples_per_prompt(policy))
-        super().__init__(policy, reference, reward, ppo_policy, evaluator, processor)
+        super().__init__(policy, reference, reward, ppo_policy, evaluator, processor,
+                         recompute=_recomputes_old_logprobs(ppo_policy))
 
 
 class OnlineDPOEngine(_CriticFreeEngine):

@@ -9,7 +9,6 @@ exactly where a run broke.
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from collections import defaultdict
@@ -17,6 +16,9 @@ from datetime import timedelta
 from typing import Any
 
 from chatlearn.models.base import BaseModule, WorkerInfo
+
+# How long rank 0's rendezvous store waits for the other ranks of its replica.
+STORE_TIMEOUT_S = 900.0
 
 
 class RemoteCallError(RuntimeError):
@@ -54,16 +56,27 @@ class ModelWorker:
         self.module.worker = info
         self._timings: dict[str, float] = defaultdict(float)
         self._events: list[str] = []
+        self._store = None  # rank 0's rendezvous store (torch.distributed.TCPStore)
 
     # -- start-up ----------------------------------------------------------------
-    def address(self) -> tuple[str, int]:
-        """This node's IP and a free port, for the replica's rendezvous."""
+    def node_ip(self) -> str:
         import ray
 
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return ray.util.get_node_ip_address()
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Start the replica's rendezvous store here (rank 0); its address and port.
+
+        The store binds port 0 and keeps its socket open, so no other process can take
+        the port between choosing it and listening on it (a bind-then-close probe could
+        lose it to a concurrent job).
+        """
+        import torch.distributed as dist
+
+        if self._store is None:
+            self._store = dist.TCPStore("0.0.0.0", 0, world_size=self.info.world_size, is_master=True,
+                                        wait_for_workers=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
+        return self.node_ip(), self._store.port
 
     def init_distributed(self, master_addr: str, master_port: int, timeout_s: float) -> None:
         import torch.distributed as dist
@@ -77,12 +90,16 @@ class ModelWorker:
             WORLD_SIZE=str(self.info.world_size),
             LOCAL_RANK="0",  # Ray gives each GPU worker exactly one visible device
         )
-        self._guard("init_distributed", lambda: dist.init_process_group(
-            backend=platform.dist_backend(),
-            rank=self.info.rank,
-            world_size=self.info.world_size,
-            timeout=timedelta(seconds=timeout_s),
-        ))
+
+        def join():
+            store = self._store
+            if store is None:  # not rank 0: a client of rank 0's store
+                store = dist.TCPStore(master_addr, master_port, world_size=self.info.world_size, is_master=False,
+                                      timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(backend=platform.dist_backend(), store=store, rank=self.info.rank,
+                                    world_size=self.info.world_size, timeout=timedelta(seconds=timeout_s))
+
+        self._guard("init_distributed", join)
 
     def setup(self) -> dict[str, Any]:
         self._guard("setup", self.module.setup)

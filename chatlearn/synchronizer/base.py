@@ -5,18 +5,39 @@ A synchronizer moves weights named in Hugging Face terms from a trainer
 inference model (``load_parameters_from_sync``), with no restart. This module
 holds the interface, the bucketed full-state-dict synchronizer used by default
 (any trainer -> any receiver: Megatron or plain PyTorch into vLLM, Megatron or
-PyTorch models), and the checksum validation behind
-``runtime.validate_param_sync``. Other transports plug in by subclassing.
+PyTorch models), and the validation behind ``runtime.validate_param_sync``.
+Other transports plug in by subclassing.
+
+Validation has two parts (``ParameterSynchronizer.validate``):
+
+1. Position-sensitive checksums per parameter (``checksums.py``): catch
+   what went wrong in transit, naming the parameter and the replica, even
+   when the values only moved (permuted rows, swapped heads, a transpose).
+2. A probe: the same fixed token batch through both models after the
+   checksums agreed; the log-probs (values, for a reward/value pair) must
+   agree. Both sides' checksums are computed through the same name and
+   layout tables they are meant to check (the trainer's export to HF names,
+   vLLM's loading and un-fusing of those names), so a wrong table (say, a
+   wrong q/k/v interleave in the Megatron -> HF export) is exported, loaded
+   and read back consistently: only running the models shows it.
 """
 from __future__ import annotations
 
+import logging
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from chatlearn.synchronizer import buckets
+from chatlearn.synchronizer import checksums as records
 
 if TYPE_CHECKING:
     from chatlearn.runtime.dist_model import DistModel
+
+
+logger = logging.getLogger(__name__)
+
+FP32_PROBE_ATOL = 1e-4
+BF16_PROBE_ATOL = 1.0
 
 
 class ParamSyncError(RuntimeError):
@@ -24,31 +45,158 @@ class ParamSyncError(RuntimeError):
 
 
 class ParameterSynchronizer:
-    """Moves weights from ``src`` (trainer) to ``dst`` (inference model)."""
+    """Moves weights from ``src`` (trainer) to ``dst`` (inference model).
+
+    Probe settings (class defaults; ``StateDictSynchronizer`` takes them as
+    arguments): ``probe`` turns the probe off; ``probe_batch`` x
+    ``probe_length`` deterministic tokens (``probe_seed``) below the smaller
+    vocabulary of the two sides; ``probe_atol_fp32`` bounds the largest
+    absolute log-prob (or value) gap over the probe tokens when both sides
+    hold float32 (or float64) weights; ``probe_atol_bf16`` when either holds
+    bfloat16 or float16.
+
+    Why 1e-4 and 1.0. In float32 the implementations (Megatron, transformers,
+    vLLM) agreed within 1e-6 to 2e-5 on the tiny models and within 1e-4 up to
+    380M parameters (PLATFORM.md), while a wrong q/k/v interleave in the
+    export moved the tiny models' log-probs by 0.67-0.79
+    (tests/test_param_sync_validation.py). In bf16 every layer rounds its
+    activations to 8 bits of mantissa, differently in each implementation: on
+    the probe's random (improbable, log p ~ -18) tokens, bf16 against float32
+    compute with the same weights differed by at most 0.18-0.21 (mean 0.045)
+    on Llama shapes of 8-12 layers with logits scaled like a trained model's
+    (measured on CPU with transformers), and a wrong q head order in the same
+    models by 9.7-11.5 (mean 2.3-2.9). Two bf16 implementations may differ by
+    about the sum of their errors, and deeper models accumulate more: 1.0
+    leaves that headroom and stays ~10x below the layout error. What it
+    cannot see in bf16: a tiny random model's layout error (under 1); validate
+    those in float32.
+    """
+
+    probe: bool = True
+    probe_batch: int = 4
+    probe_length: int = 32
+    probe_seed: int = 1234
+    probe_atol_fp32: float = FP32_PROBE_ATOL
+    probe_atol_bf16: float = BF16_PROBE_ATOL
 
     def sync(self, src: "DistModel", dst: "DistModel") -> dict[str, float]:
         raise NotImplementedError
 
-    def validate(self, src: "DistModel", dst: "DistModel") -> None:
-        """Compare per-parameter checksums of both sides; raise naming the first mismatch."""
+    def validate(self, src: "DistModel", dst: "DistModel") -> dict[str, float]:
+        """Checksums, then the probe; raise ``ParamSyncError`` naming the first mismatch.
+
+        Returns seconds spent (``checksum_s``, ``probe_s``) and the probe's
+        largest gap (``probe_max_gap``) when it ran.
+        """
+        start = time.perf_counter()
         expected = src.call_output_ranks("parameter_checksums")[0]
-        for replica_id, got in enumerate(dst.call_output_ranks("parameter_checksums")):
-            if "lm_head.weight" in got and "lm_head.weight" not in expected and "model.embed_tokens.weight" in expected:
-                # A trainer that sends no LM head is tied (else the receiver refuses the
-                # sync as incomplete): the receiver's head must equal the embedding.
-                expected = {**expected, "lm_head.weight": expected["model.embed_tokens.weight"]}
-            missing = sorted(set(expected) - set(got))
-            if missing:
+        got = dst.call_output_ranks("parameter_checksums")
+        check_checksums(src.name, dst.name, expected, got)
+        stats = {"checksum_s": time.perf_counter() - start}
+        if self.probe:
+            roundoffs = [float(r[records.UNIT_ROUNDOFF]) for side in (expected, *got) for r in side.values()
+                         if len(r) > records.UNIT_ROUNDOFF]
+            stats.update(self.run_probe(src, dst, max(roundoffs, default=records.unit_roundoff_fp32())))
+        return stats
+
+    # -- the probe -------------------------------------------------------------------
+    def probe_bound(self, unit_roundoff: float) -> tuple[float, str]:
+        """The gap allowed for weights of this precision (the coarsest of both sides), and its name."""
+        precision = records.dtype_of_roundoff(unit_roundoff)
+        if unit_roundoff <= records.unit_roundoff_fp32():
+            return float(self.probe_atol_fp32), precision
+        return float(self.probe_atol_bf16), precision
+
+    def _skip_probe(self, src: "DistModel", dst: "DistModel", why: str) -> dict[str, float]:
+        skipped = self.__dict__.setdefault("_probe_skipped", set())
+        if (src.name, dst.name) not in skipped:
+            skipped.add((src.name, dst.name))
+            logger.warning("param sync %s -> %s: no probe (%s); only checksums validate this pair",
+                           src.name, dst.name, why)
+        return {}
+
+    def probe_tokens(self, src: "DistModel", dst: "DistModel") -> Optional[list[list[int]]]:
+        """The pair's probe batch (cached): deterministic ids below both sides' vocabulary sizes."""
+        cache = self.__dict__.setdefault("_probe_token_cache", {})
+        key = (src.name, dst.name)
+        if key not in cache:
+            sizes = [src.call_output_ranks("probe_vocab_size")[0], *dst.call_output_ranks("probe_vocab_size")]
+            cache[key] = None if any(v is None for v in sizes) else make_probe_tokens(
+                min(int(v) for v in sizes), self.probe_batch, self.probe_length, self.probe_seed)
+        return cache[key]
+
+    def run_probe(self, src: "DistModel", dst: "DistModel", unit_roundoff: float) -> dict[str, float]:
+        """Fixed tokens through both models; every replica's outputs within the bound of the trainer's."""
+        missing = [side.name for side in (src, dst) if not can_probe(side)]
+        if missing:
+            return self._skip_probe(src, dst, f"{' and '.join(missing)} has no probe_outputs")
+        start = time.perf_counter()
+        tokens = self.probe_tokens(src, dst)
+        if tokens is None:
+            return self._skip_probe(src, dst, "a side reports no vocabulary size")
+        want = src.call_output_ranks("probe_outputs", tokens)[0]
+        outputs = dst.call_output_ranks("probe_outputs", tokens)
+        if want is None or any(o is None for o in outputs):
+            return self._skip_probe(src, dst, "a side returned no probe outputs (not a causal LM or score model)")
+        bound, precision = self.probe_bound(unit_roundoff)
+        largest = 0.0
+        for replica_id, got in enumerate(outputs):
+            if tuple(got.shape) != tuple(want.shape):
                 raise ParamSyncError(
-                    f"param sync {src.name} -> {dst.name}: replica {replica_id} lacks {missing[0]}"
-                    f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}"
+                    f"param sync {src.name} -> {dst.name}: probe outputs of replica {replica_id} have shape "
+                    f"{tuple(got.shape)}, the trainer's {tuple(want.shape)} (one side scores log-probs, the "
+                    f"other values?)")
+            gap = float((got.double() - want.double()).abs().max())
+            if not gap <= bound:  # NaN fails too
+                raise ParamSyncError(
+                    f"param sync {src.name} -> {dst.name}: the probe's outputs on replica {replica_id} differ "
+                    f"from the trainer's by up to {gap:.4g} (bound {bound:g} for {precision} weights, "
+                    f"{want.shape[0]} sequences of {want.shape[1]} tokens) although every parameter checksum "
+                    f"agreed: the weights arrived as sent, so a layout table is wrong (the trainer's export "
+                    f"to Hugging Face names, e.g. a q/k/v or gate/up interleave, or the receiver's loading of "
+                    f"those names)")
+            largest = max(largest, gap)
+        return {"probe_s": time.perf_counter() - start, "probe_max_gap": largest}
+
+
+def can_probe(side: Any) -> bool:
+    """Whether a model (a DistModel, or anything with the driver-side ``module``) has the probe methods."""
+    module = getattr(side, "module", None)
+    return module is not None and all(callable(getattr(type(module), m, None))
+                                      for m in ("probe_outputs", "probe_vocab_size"))
+
+
+def make_probe_tokens(vocab_size: int, batch: int, length: int, seed: int) -> list[list[int]]:
+    """``batch`` sequences of ``length`` token ids in ``[0, vocab_size)``, the same on every machine."""
+    import torch
+
+    if vocab_size <= 0:
+        raise ValueError(f"probe: vocabulary size must be positive, got {vocab_size}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=generator).tolist()
+
+
+def check_checksums(src_name: str, dst_name: str, expected: dict, got_per_replica: list[dict]) -> None:
+    """Raise ``ParamSyncError`` at the first parameter whose records differ (``checksums.mismatch``)."""
+    for replica_id, got in enumerate(got_per_replica):
+        if "lm_head.weight" in got and "lm_head.weight" not in expected and "model.embed_tokens.weight" in expected:
+            # A trainer that sends no LM head is tied (else the receiver refuses the
+            # sync as incomplete): the receiver's head must equal the embedding.
+            expected = {**expected, "lm_head.weight": expected["model.embed_tokens.weight"]}
+        missing = sorted(set(expected) - set(got))
+        if missing:
+            raise ParamSyncError(
+                f"param sync {src_name} -> {dst_name}: replica {replica_id} lacks {missing[0]}"
+                f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}"
+            )
+        for name, value in expected.items():
+            why = records.mismatch(value, got[name])
+            if why is not None:
+                raise ParamSyncError(
+                    f"param sync {src_name} -> {dst_name}: parameter {name} differs on replica "
+                    f"{replica_id}: {why} (trainer checksum {records.format_record(value)}, inference "
+                    f"checksum {records.format_record(got[name])}; sum, sum |x|, position-weighted sums)"
                 )
-            for name, value in expected.items():
-                if not _close(value, got[name]):
-                    raise ParamSyncError(
-                        f"param sync {src.name} -> {dst.name}: parameter {name} differs on replica "
-                        f"{replica_id} (trainer checksum {value}, inference checksum {got[name]})"
-                    )
 
 
 class StateDictSynchronizer(ParameterSynchronizer):
@@ -66,14 +214,26 @@ class StateDictSynchronizer(ParameterSynchronizer):
     and all receivers share a node, else the object store.
     """
 
-    def __init__(self, bucket_mb: Optional[float] = None, transport: str = "auto"):
+    def __init__(self, bucket_mb: Optional[float] = None, transport: str = "auto", probe: bool = True,
+                 probe_atol_fp32: float = FP32_PROBE_ATOL, probe_atol_bf16: float = BF16_PROBE_ATOL,
+                 in_transit: Optional[Callable[[dict], dict]] = None):
+        """``probe*``: see :class:`ParameterSynchronizer`. ``in_transit``: fault injection
+        for tests, a picklable function that the trainer's writer ranks apply to the
+        exported state dict before writing it (what vLLM then loads; the trainer's own
+        checksums still describe its real weights)."""
         if transport not in buckets.TRANSPORTS + ("auto",):
             raise ValueError(f"unknown weight-sync transport {transport!r}; "
                              f"expected one of {buckets.TRANSPORTS} or 'auto'")
         if bucket_mb is not None and bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
+        if probe_atol_fp32 <= 0 or probe_atol_bf16 <= 0:
+            raise ValueError(f"probe bounds must be positive, got {probe_atol_fp32} and {probe_atol_bf16}")
         self.bucket_mb = bucket_mb
         self.transport = transport
+        self.probe = probe
+        self.probe_atol_fp32 = float(probe_atol_fp32)
+        self.probe_atol_bf16 = float(probe_atol_bf16)
+        self.in_transit = in_transit
         self._resolved: dict[tuple[str, str], tuple[str, list[int]]] = {}
 
     def bucket_bytes(self) -> int:
@@ -94,13 +254,13 @@ class StateDictSynchronizer(ParameterSynchronizer):
         transport, sources = self.transport, [output_rank] * len(dst.workers)
         if self.transport in ("auto", buckets.CUDA_IPC):
             workers = [*src.workers, *dst.workers]
-            found = src.tracker.get([w.actor.address.remote() for w in workers] +
+            found = src.tracker.get([w.actor.node_ip.remote() for w in workers] +
                                     [src.run_on_worker(w, "gpu_uuid", _gpu_uuid) for w in workers])
             hosts, gpus = found[:len(workers)], found[len(workers):]
             src_gpus, dst_gpus = gpus[:len(src.workers)], gpus[len(src.workers):]
             # Every trainer rank holds the whole exported model: each receiver reads
             # from a trainer rank on its own GPU, device to device.
-            shared = all(g and g in src_gpus for g in dst_gpus) and len({h for h, _ in hosts}) == 1
+            shared = all(g and g in src_gpus for g in dst_gpus) and len(set(hosts)) == 1
             if shared:
                 transport, sources = buckets.CUDA_IPC, [src_gpus.index(g) for g in dst_gpus]
             elif self.transport == buckets.CUDA_IPC:
@@ -109,7 +269,7 @@ class StateDictSynchronizer(ParameterSynchronizer):
                                  f"receiver GPUs {dst_gpus})")
             else:
                 # "auto" at the writer: shm, or the object store if /dev/shm is too small.
-                transport = "auto" if len({h for h, _ in hosts}) == 1 else buckets.OBJECT_STORE
+                transport = "auto" if len(set(hosts)) == 1 else buckets.OBJECT_STORE
         self._resolved[key] = (transport, sources)
         return self._resolved[key]
 
@@ -119,7 +279,7 @@ class StateDictSynchronizer(ParameterSynchronizer):
         writers = set(sources)
         channel = f"{src.name}-to-{dst.name}"
         refs = [src.run_on_worker(w, "param_sync_export", _export, self.bucket_bytes(), transport, channel,
-                                  i in writers) for i, w in enumerate(src.workers)]
+                                  i in writers, self.in_transit) for i, w in enumerate(src.workers)]
         exported = src.tracker.get(refs)
         manifest, export_stats = exported[sources[0]]
         exported_at = time.perf_counter()
@@ -153,7 +313,8 @@ class StateDictSynchronizer(ParameterSynchronizer):
         return stats
 
 
-def _export(module, bucket_bytes: int, transport: str, channel: str, is_writer: bool):
+def _export(module, bucket_bytes: int, transport: str, channel: str, is_writer: bool,
+            in_transit: Optional[Callable[[dict], dict]] = None):
     """Trainer side (in each trainer rank): export, and on the writer ranks write buckets."""
     if transport == buckets.CUDA_IPC:
         state, export_s = buckets.timed(module.named_parameters_for_sync, device="cuda")
@@ -161,6 +322,8 @@ def _export(module, bucket_bytes: int, transport: str, channel: str, is_writer: 
         state, export_s = buckets.timed(module.named_parameters_for_sync)
     if not is_writer:
         return None
+    if in_transit is not None:
+        state = in_transit(dict(state))
     # (cuda_ipc consumes ``state`` while packing it.)
     manifest, write_s = buckets.timed(buckets.write_buckets, state, bucket_bytes, transport, channel)
     return manifest, {"export_s": export_s, "write_s": write_s}
@@ -186,5 +349,6 @@ def _load(module, manifest: dict):
     return {"load_s": time.perf_counter() - start}
 
 
-def _close(a: tuple[float, float], b: tuple[float, float], rtol: float = 1e-5) -> bool:
-    return all(abs(x - y) <= rtol * max(1.0, abs(x), abs(y)) for x, y in zip(a, b))
+def _close(a, b) -> bool:
+    """Whether two checksum records agree (``checksums.mismatch``; old two-number records too)."""
+    return records.close(a, b)

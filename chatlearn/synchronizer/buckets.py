@@ -43,6 +43,7 @@ it to read buckets.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import re
 import shutil
@@ -159,13 +160,31 @@ def shm_available_bytes(root: str = SHM_ROOT) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _pid_alive(pid: int) -> bool:
+# Held (flock, exclusive) by a pool's writer for as long as it lives; the kernel drops it when the
+# process dies, however it dies. Unlike a pid, a lock means the same in every PID namespace that
+# shares /dev/shm (containers on one host), so a live pool of another job is never taken for stale.
+_OWNER_LOCK = ".owner.lock"
+# A pool directory younger than this may still be getting its lock: left alone.
+_UNLOCKED_GRACE_S = 60.0
+
+
+def _owner_gone(directory: str) -> bool:
+    lock = os.path.join(directory, _OWNER_LOCK)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            return time.time() - os.stat(directory).st_mtime > _UNLOCKED_GRACE_S
+        except OSError:
+            return False
+    except OSError:
         return False
-    except PermissionError:
-        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its writer is alive
+    finally:
+        os.close(fd)  # releases the lock if we took it
     return True
 
 
@@ -173,8 +192,10 @@ def remove_stale_pools(root: str = SHM_ROOT) -> list[str]:
     """Delete bucket directories whose writer process is gone.
 
     A writer killed with SIGKILL (``ray.kill`` at engine shutdown) cannot
-    remove its files, and tmpfs files hold RAM until deleted. The directory
-    name carries the writer's pid; the next writer on the node cleans up.
+    remove its files, and tmpfs files hold RAM until deleted; the next writer
+    on the node cleans up. A writer holds an exclusive lock on its
+    directory's ``.owner.lock`` while it lives: a directory whose lock can be
+    taken belongs to nobody.
     """
     removed = []
     try:
@@ -182,9 +203,9 @@ def remove_stale_pools(root: str = SHM_ROOT) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        match = re.match(re.escape(_POOL_PREFIX) + r"(\d+)-", name)
-        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        directory = os.path.join(root, name)
+        if name.startswith(_POOL_PREFIX) and os.path.isdir(directory) and _owner_gone(directory):
+            shutil.rmtree(directory, ignore_errors=True)
             removed.append(name)
     return removed
 
@@ -204,6 +225,16 @@ class ShmBucketPool:
         self.directory = os.path.join(root, f"{_POOL_PREFIX}{os.getpid()}-{safe}")
         self._maps: list[tuple[str, int, torch.Tensor]] = []  # (path, nbytes, uint8 mapping)
         self._lock = threading.Lock()
+        self._owner_fd: Optional[int] = None  # holds the directory's owner lock
+
+    def _claim(self) -> None:
+        """Create the directory and hold its owner lock (once per process)."""
+        if self._owner_fd is not None:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(os.path.join(self.directory, _OWNER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._owner_fd = fd
 
     def _mapping(self, index: int, nbytes: int) -> tuple[str, torch.Tensor]:
         if index < len(self._maps) and self._maps[index][1] == nbytes:
@@ -237,7 +268,7 @@ class ShmBucketPool:
             )
         with self._lock:
             remove_stale_pools(self.root)
-            os.makedirs(self.directory, exist_ok=True)
+            self._claim()
             for index, bucket in enumerate(buckets):
                 path, buf = self._mapping(index, bucket["nbytes"])
                 for entry in bucket["tensors"]:
@@ -257,6 +288,9 @@ class ShmBucketPool:
                 for path in [p for p in _READ_MAPS if os.path.dirname(p) == self.directory]:
                     del _READ_MAPS[path]
             shutil.rmtree(self.directory, ignore_errors=True)
+            if self._owner_fd is not None:
+                os.close(self._owner_fd)
+                self._owner_fd = None
 
 
 _POOLS: dict[str, ShmBucketPool] = {}

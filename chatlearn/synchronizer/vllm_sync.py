@@ -21,7 +21,9 @@ stale copy, it reads what the engine actually computes with.
 
 Whole tensors are read back with tensor-parallel size 1 only. Under TP each
 rank reports its share of every tensor's checksums (sums add up over the
-ranks' slices), which is what ``validate_param_sync`` compares.
+ranks' slices; the position weights use each slice's global offset in the
+full HF tensor, see ``chatlearn/synchronizer/checksums.py``), which is what
+``validate_param_sync`` compares.
 
 These functions run inside the vLLM worker (``LLM.collective_rpc`` with a
 callable); they only need ``torch`` and the model object.
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
+
+from chatlearn.synchronizer import checksums as records
 
 # Used when a vLLM model class does not declare packed_modules_mapping.
 DEFAULT_PACKED_MODULES: dict[str, tuple[str, ...]] = {
@@ -53,6 +57,8 @@ class HFSlot:
     shape: tuple[int, ...]  # this rank's slice
     full_shape: tuple[int, ...] = ()  # the whole HF tensor
     copies: int = 1  # TP ranks that hold this same slice (replicated: all of them)
+    shard_dim: int = 0  # the dim along which the slice is cut from the whole tensor
+    offset: int = 0  # where the slice starts along shard_dim in the whole tensor
 
 
 def _packed_mapping(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
@@ -74,29 +80,33 @@ def _logical_shape(module: torch.nn.Module, param_name: str, param: torch.Tensor
 
 
 def _tp_split(module: torch.nn.Module, module_name: str, param_name: str, shape: tuple[int, ...],
-              part: int, tp: int, tp_world: int) -> tuple[tuple[int, ...], int]:
-    """(full HF shape, copies) of one slot of a module sharded over ``tp`` ranks
-    in an engine of ``tp_world`` tensor-parallel ranks.
+              part: int, tp: int, tp_world: int) -> tuple[tuple[int, ...], int, int, int]:
+    """(full HF shape, copies, shard dim, offset along it) of one slot of a module
+    sharded over ``tp`` ranks in an engine of ``tp_world`` tensor-parallel ranks.
 
     A module that is not sharded (norms; ``tp == 1``) is held whole by every rank.
 
     vLLM's layouts: vocab-parallel embeddings/LM heads split the vocabulary
-    (dim 0); column-parallel linears (qkv, gate_up, ...) split dim 0, except
-    that k/v are replicated over ``num_kv_head_replicas`` ranks when there are
-    fewer kv heads than ranks; row-parallel linears split dim 1 and keep the
-    bias whole on every rank.
+    (dim 0; this rank's rows start at ``shard_indices.org_vocab_start_index``);
+    column-parallel linears (qkv, gate_up, ...) split dim 0 in rank order,
+    except that k/v are replicated over ``num_kv_head_replicas`` ranks when
+    there are fewer kv heads than ranks (rank r holds kv block
+    ``r // num_kv_head_replicas``); row-parallel linears split dim 1 and keep
+    the bias whole on every rank.
     """
     if tp == 1:
-        return shape, tp_world
+        return shape, tp_world, 0, 0
+    rank = int(getattr(module, "tp_rank", 0))
     if hasattr(module, "shard_indices"):
-        return (int(module.org_vocab_size),) + shape[1:], 1
+        start = int(module.shard_indices.org_vocab_start_index)
+        return (int(module.org_vocab_size),) + shape[1:], 1, 0, start
     if hasattr(module, "input_is_parallel"):  # RowParallelLinear
         if param_name == "weight":
-            return (shape[0], shape[1] * tp) + shape[2:], 1
-        return shape, tp
+            return (shape[0], shape[1] * tp) + shape[2:], 1, 1, rank * shape[1]
+        return shape, tp, 0, 0
     if hasattr(module, "output_partition_sizes"):  # ColumnParallelLinear and its fused kinds
         copies = int(getattr(module, "num_kv_head_replicas", 1)) if part > 0 else 1
-        return (shape[0] * tp // copies,) + shape[1:], copies
+        return (shape[0] * tp // copies,) + shape[1:], copies, 0, (rank // copies) * shape[0]
     raise NotImplementedError(f"do not know how vLLM shards {module_name}.{param_name} "
                               f"({type(module).__name__}) over {tp} ranks")
 
@@ -125,8 +135,9 @@ def hf_slots(model: torch.nn.Module, allow_tp: bool = True, tp_world: int = 1) -
             shape = _logical_shape(module, param_name, param)
             parts = packed.get(leaf)
             if parts is None:
-                full, copies = _tp_split(module, module_name, param_name, shape, 0, tp, tp_world)
-                yield HFSlot(f"{module_name}.{param_name}", module, param_name, 0, shape[0], shape, full, copies)
+                full, copies, dim, offset = _tp_split(module, module_name, param_name, shape, 0, tp, tp_world)
+                yield HFSlot(f"{module_name}.{param_name}", module, param_name, 0, shape[0], shape, full, copies,
+                             dim, offset)
                 continue
             sizes = list(getattr(module, "output_partition_sizes", []))
             if len(sizes) != len(parts) or sum(sizes) != shape[0]:
@@ -138,8 +149,8 @@ def hf_slots(model: torch.nn.Module, allow_tp: bool = True, tp_world: int = 1) -
             for index, (part, size) in enumerate(zip(parts, sizes)):
                 name = f"{prefix}.{part}.{param_name}" if prefix else f"{part}.{param_name}"
                 local = (size,) + shape[1:]
-                full, copies = _tp_split(module, module_name, param_name, local, index, tp, tp_world)
-                yield HFSlot(name, module, param_name, start, size, local, full, copies)
+                full, copies, dim, offset = _tp_split(module, module_name, param_name, local, index, tp, tp_world)
+                yield HFSlot(name, module, param_name, start, size, local, full, copies, dim, offset)
                 start += size
 
 
@@ -215,23 +226,26 @@ def hf_shapes(model: torch.nn.Module, tie_word_embeddings: bool = False) -> dict
 
 @torch.no_grad()
 def shard_checksums(model: torch.nn.Module, tie_word_embeddings: bool = False,
-                    tp_world: int = 1) -> dict[str, tuple[float, float]]:
-    """This rank's share of the :func:`checksums` of every HF tensor.
+                    tp_world: int = 1) -> dict[str, tuple[float, ...]]:
+    """This rank's share of the :func:`position_checksums` of every HF tensor.
 
-    Sums are additive over a partition of a tensor's elements, so adding the
-    shares of all tensor-parallel ranks (:func:`merge_shard_checksums`) gives
-    the whole tensor's checksums without gathering it: each rank divides its
-    slice's sums by the number of ranks holding that same slice.
+    Sums are additive over a partition of a tensor's elements, and the
+    position weights are those of each element's place in the WHOLE tensor
+    (the slot's ``shard_dim`` and ``offset``), so adding the shares of all
+    tensor-parallel ranks (:func:`merge_shard_checksums`) gives the whole
+    tensor's record without gathering it: each rank divides its slice's sums
+    by the number of ranks holding that same slice.
     """
     out = {}
     for slot, part in _slot_tensors(model, tp_world=tp_world):
-        part = part.double()
-        out[slot.hf_name] = (float(part.sum()) / slot.copies, float(part.abs().sum()) / slot.copies)
+        rows, cols = (slot.offset, 0) if slot.shard_dim == 0 else (0, slot.offset)
+        out[slot.hf_name] = tuple(records.tensor_record(part, rows, cols, slot.copies))
     return _alias_tied_head(out, tie_word_embeddings)
 
 
-def merge_shard_checksums(per_rank: list[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
-    """Whole-tensor checksums from every tensor-parallel rank's :func:`shard_checksums`."""
+def merge_shard_checksums(per_rank: list[Mapping[str, Any]]) -> dict[str, tuple[float, ...]]:
+    """Whole-tensor checksums from every tensor-parallel rank's :func:`shard_checksums`
+    (any record length: the sums add up, a unit roundoff is the largest)."""
     if not per_rank:
         return {}
     names = set(per_rank[0])
@@ -239,8 +253,7 @@ def merge_shard_checksums(per_rank: list[Mapping[str, Any]]) -> dict[str, tuple[
         if set(sums) != names:
             raise RuntimeError(f"vLLM rank {rank} reports other parameter names than rank 0: "
                                f"{sorted(set(sums) ^ names)[:5]}")
-    return {name: (sum(float(r[name][0]) for r in per_rank), sum(float(r[name][1]) for r in per_rank))
-            for name in sorted(names)}
+    return {name: records.merge_records([r[name] for r in per_rank]) for name in sorted(names)}
 
 
 def check_incoming_weights(
@@ -273,8 +286,14 @@ def check_incoming_weights(
 
 
 def checksums(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
-    """(sum, sum of |x|) in float64 per tensor: the format validate_param_sync compares."""
+    """The old (sum, sum of |x|) in float64 per tensor: blind to positions (validate_param_sync
+    still accepts it from a trainer and then compares those two numbers only)."""
     return {name: (float(t.double().sum()), float(t.double().abs().sum())) for name, t in state.items()}
+
+
+def position_checksums(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, ...]]:
+    """The position-sensitive records validate_param_sync compares (``checksums.py``), per tensor."""
+    return records.state_records(state)
 
 
 def state_dict_nbytes(state: Mapping[str, torch.Tensor]) -> int:

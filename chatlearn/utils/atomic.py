@@ -11,6 +11,12 @@ to ``final``. On an exception the temp directory is deleted. A crash (power
 loss, SIGKILL) can only leave a ``.tmp-*`` directory behind, which readers
 ignore.
 
+The ``COMPLETE`` marker is the checkpoint's manifest: the size and CRC-32 of
+every file in it. ``verify_checkpoint`` checks them, so a checkpoint damaged
+after it was written (a truncated or changed file, a missing one) is reported,
+naming the file, and ``latest_intact_checkpoint`` falls back to the newest one
+that is whole.
+
 Layout used by ``atomic_checkpoint`` / ``latest_complete_checkpoint``:
 
     <root>/episode_000012/COMPLETE      # a finished checkpoint of episode 12
@@ -29,6 +35,7 @@ import re
 import shutil
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -107,9 +114,9 @@ def atomic_dir(final_dir: PathLike, marker_info: Optional[dict[str, Any]] = None
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
     try:
         yield tmp
-        info = {"time": time.time(), **(marker_info or {})}
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(info))
         _fsync_tree(tmp)
+        info = {"time": time.time(), **(marker_info or {}), "files": _manifest(tmp)}
+        atomic_write_bytes(tmp / COMPLETE_MARKER, json.dumps(info).encode())
         if final.exists():
             # Move the old one to a temp name first: if we crash between the two
             # renames, the old copy is ignored rather than half-visible.
@@ -154,6 +161,75 @@ def latest_complete_checkpoint(root: PathLike) -> Optional[tuple[int, Path]]:
     return found[-1] if found else None
 
 
+def _file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _manifest(root: Path) -> dict[str, list[int]]:
+    """``relative path -> [size, crc32]`` of every file under ``root`` (the marker excepted)."""
+    files = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if rel != COMPLETE_MARKER:
+                files[rel] = [path.stat().st_size, _file_crc32(path)]
+    return files
+
+
+def verify_checkpoint(path: PathLike) -> Optional[str]:
+    """None if the checkpoint at ``path`` is whole, else what is wrong with it (naming the file).
+
+    A checkpoint written before manifests existed (no file list in its marker) passes.
+    """
+    path = Path(path)
+    marker = path / COMPLETE_MARKER
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        return f"{marker}: unreadable manifest ({e})"
+    for rel, (size, crc) in sorted(info.get("files", {}).items()):
+        file = path / rel
+        if not file.is_file():
+            return f"{file} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{file} has {actual} bytes, the manifest says {size}"
+        if _file_crc32(file) != crc:
+            return f"{file} does not match its checksum (changed after it was written)"
+    return None
+
+
+def latest_intact_checkpoint(root: PathLike, report=None) -> Optional[tuple[int, Path]]:
+    """The newest finished checkpoint whose files match its manifest, or None.
+
+    Damaged ones are skipped; ``report(message)`` (e.g. a logger's warning) hears
+    about each, naming the damaged file.
+    """
+    for episode, path in reversed(complete_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return episode, path
+        if report is not None:
+            report(f"checkpoint {path} is damaged and is skipped: {problem}")
+    return None
+
+
+def remove_abandoned(root: PathLike) -> list[Path]:
+    """Delete the ``.tmp-*`` directories a crash left under ``root`` (call only when no save runs)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    doomed = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_dir()]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
 def prune_checkpoints(root: PathLike, keep_last: Optional[int]) -> list[Path]:
     """Delete all but the newest ``keep_last`` finished checkpoints (None/0 keeps all).
 
@@ -163,6 +239,24 @@ def prune_checkpoints(root: PathLike, keep_last: Optional[int]) -> list[Path]:
     if not keep_last or keep_last < 0:
         return []
     doomed = [path for _, path in complete_checkpoints(root)[:-keep_last]]
+    return _delete_checkpoints(doomed)
+
+
+def set_aside_checkpoints_after(root: PathLike, episode: int) -> Optional[Path]:
+    """Move the finished checkpoints newer than ``episode`` into ``<root>/superseded-<time>/``
+    (a run resumed from an older checkpoint starts another history; nothing is deleted)."""
+    newer = [path for ep, path in complete_checkpoints(root) if ep > episode]
+    if not newer:
+        return None
+    target = Path(root) / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.mkdir(parents=True, exist_ok=True)
+    for path in newer:
+        os.replace(path, target / path.name)
+    fsync_dir(root)
+    return target
+
+
+def _delete_checkpoints(doomed: list[Path]) -> list[Path]:
     for path in doomed:
         # Drop the marker first so a crash mid-delete leaves an ignored directory.
         with contextlib.suppress(FileNotFoundError):

@@ -3,39 +3,42 @@ model fitting) and tests that need a few Megatron ranks in plain processes."""
 from __future__ import annotations
 
 import os
-import socket
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+RENDEZVOUS_TIMEOUT_S = 300.0
 
 
 def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, threads_per_rank: int = 1) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``nprocs`` new processes that form one
-    torch.distributed world (gloo on CPU, NCCL on GPU); a rank's exception is raised here."""
+    torch.distributed world (gloo on CPU, NCCL on GPU); a rank's exception is raised here.
+
+    The rendezvous store lives in this process on a port it holds open for the whole run
+    (no free-port probe that another process could take before the ranks bind it).
+    """
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    mp.spawn(_entry, args=(fn, nprocs, free_port(), threads_per_rank, args), nprocs=nprocs, join=True)
+    store = dist.TCPStore("127.0.0.1", 0, world_size=nprocs + 1, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+    mp.spawn(_entry, args=(fn, nprocs, store.port, threads_per_rank, args), nprocs=nprocs, join=True)
 
 
 def init_single_process(threads: int = 0) -> None:
-    """A world of one rank in this process (what ``MegatronModule.setup`` needs)."""
+    """A world of one rank in this process (what ``MegatronModule.setup`` needs); no network
+    rendezvous (an in-memory store)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
     if threads:
         torch.set_num_threads(threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from chatlearn.utils import platform
 
-    dist.init_process_group(platform.dist_backend(), rank=0, world_size=1)
+    dist.init_process_group(platform.dist_backend(), store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, threads: int, args: tuple) -> None:
@@ -51,7 +54,8 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, threads: in
                       LOCAL_RANK=str(rank))
     if platform.has_gpu():
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(platform.dist_backend(), rank=rank, world_size=world)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+    dist.init_process_group(platform.dist_backend(), store=store, rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
     finally:

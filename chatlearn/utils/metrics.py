@@ -8,16 +8,32 @@ from typing import Optional
 
 
 class MetricsWriter:
-    def __init__(self, log_dir: str, tensorboard: bool = True):
+    """Per-episode metrics of a run that starts (or resumes) at ``start_episode``.
+
+    What an earlier, interrupted attempt logged for ``start_episode`` and later is cut
+    away first (JSON lines rewritten atomically; TensorBoard events purged from that
+    step on), so a resumed run logs every episode once, as an uninterrupted run would.
+    A run from episode 0 starts both from scratch (its baseline evaluation, logged as
+    episode -1, is made again).
+    """
+
+    def __init__(self, log_dir: str, start_episode: int = 0, tensorboard: bool = True):
+        from chatlearn.utils.atomic import atomic_write_bytes
+
         os.makedirs(log_dir, exist_ok=True)
         self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
+        if os.path.exists(self.jsonl_path):
+            kept = [r for r in read_metrics(self.jsonl_path) if start_episode > 0 and r["episode"] < start_episode]
+            atomic_write_bytes(self.jsonl_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
+                # Events at or after purge_step from an earlier attempt are dropped by readers.
+                self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"),
+                                         purge_step=start_episode if start_episode > 0 else -1)
             except ImportError:  # tensorboard is optional on GPU images
                 self._tb = None
 
@@ -38,8 +54,15 @@ class MetricsWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is left out."""
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
 
 
 def mean_metrics(records: list[Optional[dict]], weights: Optional[list[float]] = None) -> dict[str, float]:

@@ -117,14 +117,17 @@ class ToyReward(TorchModule):
 
 
 class ToyTrainer(_Linear):
-    """One SGD step per micro-batch towards response == x; records the sample ids it trained on."""
+    """One SGD step per micro-batch towards response == x; records the sample ids it trained on.
+    Padding rows (``sample_valid`` 0, see ``split_global_batch``) weigh nothing."""
 
     def train_step(self, data_list: list[dict], iteration: int) -> dict:
         self._maybe_fail(iteration)
         losses = []
         for micro in data_list:
             self.optimizer.zero_grad()
-            loss = ((self.model(micro["x"]) - micro["x"]) ** 2).mean()
+            valid = micro["sample_valid"]
+            per_row = ((self.model(micro["x"]) - micro["x"]) ** 2).mean(-1)
+            loss = (per_row * valid).sum() / valid.sum().clamp(min=1)
             loss.backward()
             if dist.is_initialized() and dist.get_world_size() > 1:
                 # Plain data-parallel gradient averaging across this trainer's ranks.
@@ -133,9 +136,10 @@ class ToyTrainer(_Linear):
                     p.grad /= dist.get_world_size()
             self.optimizer.step()
             losses.append(loss.item())
-        _record(self, {"iteration": iteration, "prompt_ids": [i for m in data_list for i in m["prompt_id"]],
+        real = [(m, i) for m in data_list for i in range(len(m["sample_valid"])) if m["sample_valid"][i]]
+        _record(self, {"iteration": iteration, "prompt_ids": [m["prompt_id"][i] for m, i in real],
                        "weight_sum": float(self.model.weight.detach().sum())})
-        rewards = [float(r) for m in data_list if "reward" in m for r in m["reward"]]
+        rewards = [float(m["reward"][i]) for m, i in real if "reward" in m]
         metrics = {"loss": sum(losses) / len(losses), "num_micro_batches": float(len(data_list))}
         if rewards:
             metrics["reward/mean"] = sum(rewards) / len(rewards)

@@ -2,16 +2,18 @@
 
 ``launch`` starts ``nproc`` ranks (TP x PP x DP) in plain processes;
 ``fit`` runs epochs of shuffled global batches, each rank taking its
-data-parallel share as micro-batches, and returns the logged metrics.
+data-parallel share as micro-batches (``split_global_batch``, as in the
+engine), and returns the logged metrics.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 from typing import Any, Callable, Optional
 
-from chatlearn.data.batching import collate
+from chatlearn.data.batching import split_global_batch
 from chatlearn.utils.launch import init_single_process, spawn
 
 
@@ -43,17 +45,17 @@ def training_parser(description: str, data_help: str, epochs: int, lr: float) ->
 
 def fit(module, samples: list[dict], *, epochs: int, global_batch_size: int, micro_batch_size: int,
         seed: int = 0, log: Optional[Callable[[int, dict], None]] = None, desc: str = "train") -> list[dict]:
-    """Train ``module`` (a set-up, trainable MegatronModule) on ``samples`` (dicts of 1-D tensors)."""
+    """Train ``module`` (a set-up, trainable MegatronModule) on ``samples`` (dicts of 1-D tensors).
+
+    Each epoch visits every sample once in a seeded order, in global batches of
+    ``global_batch_size`` (the last one shorter when it does not divide), split over
+    the data-parallel ranks by ``split_global_batch`` like the engine's trainers.
+    """
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    if global_batch_size % (dp * micro_batch_size):
-        raise ValueError(f"global batch {global_batch_size} is not a multiple of dp {dp} x micro batch "
-                         f"{micro_batch_size}")
-    steps_per_epoch = len(samples) // global_batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(samples)} samples do not make one global batch of {global_batch_size}")
+    steps_per_epoch = math.ceil(len(samples) / global_batch_size)
     history = []
     show = ps.is_pipeline_last_stage() and dp_rank == 0 and ps.get_tensor_model_parallel_rank() == 0
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not (show and sys.stderr.isatty()))
@@ -61,12 +63,9 @@ def fit(module, samples: list[dict], *, epochs: int, global_batch_size: int, mic
     for epoch in range(epochs):
         order = list(range(len(samples)))
         random.Random(seed + epoch).shuffle(order)
-        for start in range(0, steps_per_epoch * global_batch_size, global_batch_size):
+        for start in range(0, len(samples), global_batch_size):
             batch = [samples[i] for i in order[start:start + global_batch_size]]
-            share = global_batch_size // dp
-            mine = batch[dp_rank * share:(dp_rank + 1) * share]
-            micro = [collate(mine[i:i + micro_batch_size]) for i in range(0, share, micro_batch_size)]
-            metrics = module.train_step(micro, step)
+            metrics = module.train_step(split_global_batch(batch, dp, micro_batch_size)[dp_rank], step)
             step += 1
             bar.update(1)
             if metrics is not None:

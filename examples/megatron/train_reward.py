@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from standalone import fit, launch, training_parser  # noqa: E402
 from train_sft import tokenize  # noqa: E402
 
-from chatlearn.algorithms.core import last_token_index  # noqa: E402
+from chatlearn.algorithms.core import LossAggregator, last_token_index  # noqa: E402
 from chatlearn.data.batching import concat_padded  # noqa: E402
 from chatlearn.data.prompts import read_jsonl  # noqa: E402
 from chatlearn.models.megatron import MegatronModule  # noqa: E402
@@ -35,7 +35,8 @@ class PairwiseRewardTrainer(MegatronModule):
 
     def train_step(self, data_list, iteration):
         stacked = [{"input_ids": concat_padded([mb["chosen_input_ids"], mb["rejected_input_ids"]]),
-                    "attention_mask": concat_padded([mb["chosen_attention_mask"], mb["rejected_attention_mask"]])}
+                    "attention_mask": concat_padded([mb["chosen_attention_mask"], mb["rejected_attention_mask"]]),
+                    "sample_valid": torch.cat([mb["sample_valid"], mb["sample_valid"]])}
                    for mb in data_list]
         return super().train_step(stacked, iteration)
 
@@ -43,8 +44,10 @@ class PairwiseRewardTrainer(MegatronModule):
         rows = torch.arange(logits.shape[0], device=logits.device)
         scores = logits[rows, last_token_index(micro_batch["attention_mask"].to(logits.device)), 0].float()
         chosen, rejected = scores.chunk(2)
-        loss = -F.logsigmoid(chosen - rejected).mean()
-        return loss, {"loss": loss.detach(), "accuracy": (chosen > rejected).float().mean()}
+        agg = LossAggregator(micro_batch, micro_batch["attention_mask"].to(logits.device))
+        loss = agg.sequence_mean(-F.logsigmoid(chosen - rejected), rows_per_sample=2)
+        return loss, {"loss": loss.detach(),
+                      "accuracy": agg.sequence_mean((chosen > rejected).float(), rows_per_sample=2)}
 
 
 def pair_sample(tokenizer, record: dict) -> dict:

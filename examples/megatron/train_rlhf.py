@@ -38,8 +38,9 @@ def reward_metrics(results: list[dict], episode: int) -> dict[str, float]:
 
 
 def build_evaluator(policy: PolicyInference, reward: RewardInference, path: str | None) -> Evaluator | None:
-    """Greedy responses to the eval prompts, scored by the reward (None without eval data)."""
-    if not path:
+    """Responses to the eval prompts (``eval_*`` sampling keys), scored by the reward; None without
+    eval data or with ``runtime.eval_episode_interval`` 0 (the file is then not read)."""
+    if not path or chatlearn.get_args().runtime.eval_episode_interval <= 0:
         return None
 
     def eval_flow(batch):

@@ -44,7 +44,7 @@ def main() -> None:
     for episode, m in enumerate(history):
         print(f"{episode + 1:>7}  {m.get('reward/mean', float('nan')):>11.4f}  {m.get('ppo_policy/loss', float('nan')):<8.4f}"
               f"  {m['time/environment']:>16.2f}  {m['time/train']:>10.2f}  {m['time/sync']:>9.2f}")
-    run_dir = f"{args.runtime.output_dir}/{args.runtime.exp_name}"
+    run_dir = args.runtime.run_dir
     print(f"\nmetrics:      {run_dir}/metrics.jsonl (TensorBoard: {run_dir}/tensorboard)")
     print(f"checkpoints:  {engine.checkpoint_root} (a rerun with enable_resume_training: True continues there)")
     print(f"peak RSS:     {memory.peak_gib:.2f} GiB (driver + Ray workers, summed)")

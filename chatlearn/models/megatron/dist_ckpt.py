@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -25,6 +24,7 @@ import torch.distributed as dist
 
 from chatlearn.models.megatron import cpu_compat
 from chatlearn.models.megatron.model import hf_arch, optimizer_parts, unwrap
+from chatlearn.utils.rng import capture_rng_state, restore_rng_state
 
 INFO_FILE = "chatlearn_checkpoint.json"
 FORMAT_DIST = "dist_checkpointing"   # any layout (this module)
@@ -161,7 +161,7 @@ def load_distributed(model: torch.nn.Module, optimizer, path: PathLike, saved: d
             with torch.no_grad():
                 _load_optimizer_state(optimizer, state["optimizer"])
     if with_rng:
-        _set_rng_state(state["rng"])
+        restore_rng_state(state["rng"])
 
 
 def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool, with_rng: bool) -> dict[str, Any]:
@@ -229,25 +229,10 @@ def _load_optimizer_state(optimizer, state: dict[str, Any]) -> None:
 def _rng_sharded_object():
     """This rank's RNG streams, one object per (pp, tp, dp) rank."""
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
     shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
              ps.get_data_parallel_world_size())
     offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
               ps.get_data_parallel_rank())
-    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    return ShardedObject("rng_state", capture_rng_state(), shape, offset, replica_id=0)

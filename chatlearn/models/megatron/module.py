@@ -21,7 +21,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from chatlearn.algorithms.core import logprobs_from_logits
+from chatlearn.algorithms.core import (GLOBAL_NUM_SAMPLES, GLOBAL_NUM_TOKENS, SAMPLING_KEYS, LossAggregator,
+                                       logprobs_from_logits)
+from chatlearn.data.batching import SAMPLE_VALID, split_batch, split_global_batch
 from chatlearn.models.base import BaseModule
 from chatlearn.models.megatron import cpu_compat, dist_ckpt
 from chatlearn.models.megatron.hf_convert import export_hf_state_dict, load_hf_weights, save_hf_checkpoint
@@ -32,6 +34,7 @@ from chatlearn.models.megatron.parallel import initialize_parallel_state
 from chatlearn.models.megatron.schedule import forward_logits, forward_logprobs, pad_micro_batches, run_micro_batches
 from chatlearn.models.offload import HostOffload, model_tensors, offload_target_available
 from chatlearn.utils import platform
+from chatlearn.utils.rng import capture_rng_state, restore_rng_state
 
 
 # The learning-rate schedule's position (same on every rank), saved beside the model state.
@@ -183,12 +186,14 @@ class MegatronModule(BaseModule):
         return model, optimizer
 
     # -- inference ----------------------------------------------------------------
-    def _micro_batches(self, data: dict) -> list[dict]:
-        """Split a batch dict along dim 0 into micro-batches (so pipeline stages overlap)."""
-        tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-        size = self.settings.forward_micro_batch_size or len(tensors["input_ids"])
-        chunks = [dict(zip(tensors, parts)) for parts in zip(*(v.split(size) for v in tensors.values()))]
-        return pad_micro_batches(chunks, pad_id=self.settings.pad_token_id)
+    def _micro_batches(self, data: dict) -> tuple[list[dict], int]:
+        """``data``'s rows as equal-shaped micro-batches of ``forward_micro_batch_size``
+        (so pipeline stages overlap), padded at the tail; and the number of real rows."""
+        keys = ("input_ids", "loss_mask", *SAMPLING_KEYS)
+        rows = split_batch({k: data[k] for k in keys if isinstance(data.get(k), torch.Tensor)})
+        size = self.settings.forward_micro_batch_size or len(rows)
+        (micro_batches,) = split_global_batch(rows, 1, size)
+        return pad_micro_batches(micro_batches, pad_id=self.settings.pad_token_id), len(rows)
 
     @property
     def is_score_model(self) -> bool:
@@ -200,53 +205,76 @@ class MegatronModule(BaseModule):
         ``{"values": [b, s]}`` for a reward/value model, the head's output at each
         position (one label; [b, s, n] with n labels). ``{}`` on other stages.
         ``data["input_ids"]`` is [b, s], right-padded.
+
+        Log-probs are of the sampling distribution when ``data`` carries the rollout's
+        settings (``SAMPLING_KEYS``: temperature everywhere, top-k/top-p where
+        ``loss_mask`` is set; see ``chatlearn.algorithms.core.sampling_logprobs``), else
+        of the model's plain softmax.
         """
-        micro_batches = self._micro_batches(data)
+        micro_batches, rows = self._micro_batches(data)
         width = data["input_ids"].shape[1]
         if self.is_score_model:
             scores = forward_logits(self.model, micro_batches)
             if scores is None:
                 return {}
-            scores = scores[:, :width]
+            scores = scores[:rows, :width]
             return {"values": scores[..., 0] if scores.shape[-1] == 1 else scores}
         logprobs = forward_logprobs(self.model, micro_batches)
-        return {"logprobs": logprobs[:, :width]} if logprobs is not None else {}
+        return {"logprobs": logprobs[:rows, :width]} if logprobs is not None else {}
 
     # -- training -----------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch from its logits [b, s, V] (last stage only).
 
-        Default: next-token cross entropy over ``loss_mask`` (aligned with
-        ``input_ids``; default: every real token after the first); reward/value
-        models must override. Override for
-        PPO/DPO/value losses. Return
-        ``(scalar loss, metrics)``; megatron divides the loss by the number of
-        micro-batches and DDP averages gradients over data-parallel ranks.
+        Returns ``(loss, metrics)`` where the loss and every metric are this
+        micro-batch's SHARE of the global batch's value: build them with
+        ``LossAggregator(micro_batch, mask)``, which divides by the global
+        batch's totals (``train_step`` puts them in every micro-batch) and
+        leaves padding rows out. ``train_step`` sums the shares over the
+        micro-batches and the data-parallel ranks, so the optimizer sees the
+        gradient of the global batch's loss, whatever the split.
+
+        Default: next-token cross entropy, token mean over ``loss_mask``
+        (aligned with ``input_ids``; default: every real token after the
+        first); reward/value models must override.
         """
         if self.is_score_model:
             raise NotImplementedError(f"{type(self).__name__}: a reward/value model needs its own loss_fn")
         input_ids = micro_batch["input_ids"].to(logits.device)
         logp = logprobs_from_logits(logits, input_ids)
-        mask = micro_batch.get("loss_mask")
-        if mask is None:
-            lens = micro_batch["seq_lens"].to(logits.device)
-            positions = torch.arange(input_ids.shape[1], device=logits.device)[None]
-            mask = (positions < lens[:, None]) & (positions > 0)
-        mask = mask.to(device=logits.device, dtype=logp.dtype)
-        loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
+        agg = LossAggregator(micro_batch, _token_mask(micro_batch).to(logits.device))
+        loss = agg.token_mean(-logp)
         return loss, {"loss": loss.detach()}
 
     def train_step(self, data_list: list[dict], iteration: int) -> Optional[dict]:
-        """One optimizer step over this DP rank's micro-batches; metrics on the last stage."""
+        """One optimizer step over this DP rank's micro-batches; metrics on the last stage.
+
+        ``data_list`` is this rank's part of one global batch
+        (``chatlearn.data.batching.split_global_batch``: every rank the same
+        number of equal-shaped micro-batches, padding rows with ``sample_valid``
+        0). Returns the global batch's metrics (summed shares, see ``loss_fn``)
+        on output ranks, None elsewhere.
+        """
         if self.optimizer is None:
             raise RuntimeError(f"model {self.name!r} is not trainable (set trainable: true)")
+        from megatron.core import parallel_state as ps
+
         model = self.model
         model.train()
         model.zero_grad_buffer()
         self.optimizer.zero_grad()
         mbs = pad_micro_batches([{k: v for k, v in d.items() if isinstance(v, torch.Tensor)} for d in data_list],
                                 pad_id=self.settings.pad_token_id)
-        results = run_micro_batches(model, mbs, self.loss_fn, forward_only=False)
+        _set_global_totals(mbs)
+        # Megatron divides each micro-batch's loss by their number and DDP averages
+        # gradients over DP ranks; a share of the global loss must be summed instead.
+        scale = len(mbs) * ps.get_data_parallel_world_size()
+
+        def scaled_loss(logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
+            loss, metrics = self.loss_fn(logits, micro_batch)
+            return loss * scale, metrics
+
+        results = run_micro_batches(model, mbs, scaled_loss, forward_only=False)
         with cpu_compat.cpu_device_mode():
             ok, grad_norm, _ = self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -254,7 +282,7 @@ class MegatronModule(BaseModule):
             self.scheduler.step(1)
         if not results:
             return None
-        metrics = {k: float(torch.stack([torch.as_tensor(r[k]) for r in results]).mean()) for k in results[0]}
+        metrics = _sum_over_data_parallel(results)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_successful"] = bool(ok)
         metrics["lr"] = float(lr)
@@ -274,6 +302,20 @@ class MegatronModule(BaseModule):
 
     def load_parameters_from_sync(self, params: dict[str, torch.Tensor]) -> None:
         load_hf_weights(self.model, self.hf_config, params)
+
+    def probe_vocab_size(self) -> int:
+        """Token ids below this are valid inputs (the probe of validate_param_sync)."""
+        return int(hf_arch(self.hf_config).vocab_size)
+
+    def probe_outputs(self, token_ids) -> Optional[torch.Tensor]:
+        """The probe of validate_param_sync: ``[b, s]`` log-probs of ``token_ids`` (position 0
+        holds 0) for a causal LM, values for a reward/value model, on the output rank (None
+        elsewhere). Collective over every rank of the model: MegatronModule's own
+        ``forward_step`` (a subclass's override may compute something else), plain softmax."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        out = MegatronModule.forward_step(self, {"input_ids": ids}, 0)
+        result = out.get("values", out.get("logprobs"))
+        return None if result is None or not self.is_output_rank() else result.detach().float().cpu()
 
     def save_hf_checkpoint(self, path: str) -> None:
         """A transformers/vLLM-loadable checkpoint dir (collective; rank 0 writes)."""
@@ -318,7 +360,7 @@ class MegatronModule(BaseModule):
 
         os.makedirs(path, exist_ok=True)
         state = {"model": unwrap(self.model).state_dict(), "tp": self.settings.tp, "pp": self.settings.pp,
-                 "rng": torch.get_rng_state()}
+                 "rng": capture_rng_state()}
         if self.optimizer is not None:
             with cpu_compat.cpu_device_mode():
                 state["optimizer"] = self.optimizer.state_dict()
@@ -374,7 +416,10 @@ class MegatronModule(BaseModule):
                     with torch.no_grad():
                         _load_parameter_state_keeping_step(self.optimizer, self._param_state_file(path),
                                                            state.get("adam_step"))
-        torch.set_rng_state(state["rng"])
+        if isinstance(state["rng"], torch.Tensor):  # written before every stream was saved: CPU torch only
+            torch.set_rng_state(state["rng"])
+        else:
+            restore_rng_state(state["rng"])
 
     def _load_scheduler(self, path: str) -> None:
         scheduler_file = os.path.join(path, SCHEDULER_FILE)
@@ -450,3 +495,43 @@ def _runtime_adaptive_checkpoint() -> bool:
     from chatlearn.config.globals import get_args, is_initialized
 
     return is_initialized() and bool(get_args().runtime.adaptive_parallel_strategy_on_checkpoint)
+
+
+def _token_mask(micro_batch: dict) -> torch.Tensor:
+    """The tokens a loss counts: ``loss_mask``, else every real token after the first."""
+    mask = micro_batch.get("loss_mask")
+    if mask is not None:
+        return mask
+    ids = micro_batch["input_ids"]
+    positions = torch.arange(ids.shape[1])[None]
+    return (positions < micro_batch["seq_lens"][:, None]) & (positions > 0)
+
+
+def _set_global_totals(micro_batches: list[dict]) -> None:
+    """Put the global batch's response-token and sample counts into every micro-batch
+    (this rank's counts, summed over the data-parallel ranks), for ``LossAggregator``."""
+    from megatron.core import parallel_state as ps
+
+    tokens, samples = 0.0, 0.0
+    for mb in micro_batches:
+        valid = mb.get(SAMPLE_VALID, torch.ones(mb["input_ids"].shape[0])).float()
+        tokens += float((_token_mask(mb).float() * valid[:, None]).sum())
+        samples += float(valid.sum())
+    totals = torch.tensor([tokens, samples], dtype=torch.float64, device=platform.torch_device())
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(totals, group=ps.get_data_parallel_group())
+    tokens, samples = totals.tolist()
+    for mb in micro_batches:
+        mb[GLOBAL_NUM_TOKENS], mb[GLOBAL_NUM_SAMPLES] = torch.tensor(tokens), torch.tensor(samples)
+
+
+def _sum_over_data_parallel(results: list[dict]) -> dict[str, float]:
+    """Each metric's shares summed over this rank's micro-batches and all data-parallel ranks."""
+    from megatron.core import parallel_state as ps
+
+    keys = sorted(results[0])
+    sums = torch.tensor([sum(float(torch.as_tensor(r[k]).float()) for r in results) for k in keys],
+                        dtype=torch.float64, device=platform.torch_device())
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(sums, group=ps.get_data_parallel_group())
+    return dict(zip(keys, sums.tolist()))

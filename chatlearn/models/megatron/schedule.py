@@ -7,8 +7,9 @@ stage and what to do with the logits on the last one.
 
 A micro-batch is a dict with ``input_ids`` ([b, s] long) and any extra
 tensors a loss function needs. All micro-batches of one call must share
-``[b, s]`` (pad them with :func:`pad_micro_batches`): the pipeline's p2p
-buffers have a fixed shape.
+``[b, s]``: the pipeline's p2p buffers have a fixed shape. Callers get equal
+row counts from ``chatlearn.data.batching.split_global_batch`` and equal
+lengths from :func:`pad_micro_batches`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from chatlearn.algorithms.core import logprobs_from_logits
+from chatlearn.algorithms.core import sampling_logprobs, sampling_params
 from chatlearn.models.megatron import cpu_compat
 from chatlearn.utils import platform
 
@@ -111,14 +112,19 @@ def run_micro_batches(
     return list(results) if ps.is_pipeline_last_stage() else []
 
 
+def micro_batch_logprobs(logits: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Token log-probs of one micro-batch, of the sampling distribution its rows carry
+    (``SAMPLING_KEYS``; top-k/top-p at its ``loss_mask`` positions), else of the softmax."""
+    return sampling_logprobs(logits, mb["input_ids"], **sampling_params(mb), mask=mb.get("loss_mask"))
+
+
 def forward_logprobs(model: torch.nn.Module, micro_batches: list[dict]) -> Optional[torch.Tensor]:
     """Token log-probs [sum b, s] of all micro-batches on the last stage (None elsewhere),
-    aligned with ``input_ids``: position t holds log p(token t | tokens < t), position 0 holds 0."""
+    aligned with ``input_ids``: position t holds log p(token t | tokens < t), position 0 holds 0
+    (see ``micro_batch_logprobs``)."""
     model.eval()
     with torch.no_grad():
-        outs = run_micro_batches(model, micro_batches,
-                                 lambda logits, mb: logprobs_from_logits(logits, mb["input_ids"].to(logits.device)),
-                                 forward_only=True)
+        outs = run_micro_batches(model, micro_batches, micro_batch_logprobs, forward_only=True)
     return torch.cat([o.cpu() for o in outs], 0) if outs else None
 
 

@@ -1,15 +1,26 @@
 """The policy's training side on Megatron: PPO, GRPO and online-DPO losses.
 
 Every loss here is a few lines over ``chatlearn.algorithms``; what the three
-share lives in ``_PolicyTrainer``: token log-probs from the logits, the
-entropy, and the training/inference consistency check.
+share lives in ``_PolicyTrainer``: token log-probs of the sampling
+distribution, the entropy, the optional recompute of ``old_logprobs``, and
+the training/inference consistency check.
+
+Log-probs (docs/algorithms.md, "Which log-probs"): every token is scored
+under the distribution it was sampled from, with the rollout's temperature,
+top-k and top-p, which the rollout batch carries per row. ``old_logprobs``
+is what the ratio divides by: the sampler's log-probs (vLLM), or, with
+``recompute_old_logprobs``, the trainer's own before the update (its
+``forward_step`` runs in the environment flow, verl's "old log-prob" stage),
+and then the sampler's are kept as ``behaviour_logprobs``. ``tis_cap`` > 0
+weights every token by ``min(exp(old - behaviour), tis_cap)``.
 
 Consistency: the first training step of an episode runs on weights that were
-just synced into vLLM, so the trainer's log-probs of the sampled tokens should
-equal vLLM's ``old_logprobs``. Their gap (``consistency/logprob_diff_mean``,
-``_max`` and the k3 ``consistency/kl``) exposes a wrong sync or numerics that
-differ between the two engines (bf16 kernels, say); it is reported on that
-first step only (with ``sync_frequency`` > 1 the policy may be ahead of vLLM).
+just synced into vLLM, so the trainer's log-probs of the sampled tokens
+should equal the sampler's. Their gap (``consistency/logprob_diff_mean``,
+``_max`` and the k3 ``consistency/kl``) compares the same quantities the loss
+uses and exposes a wrong sync or numerics that differ between the two engines
+(bf16 kernels, say); it is reported on that first step only (with
+``sync_frequency`` > 1 the policy may be ahead of vLLM).
 """
 from __future__ import annotations
 
@@ -18,20 +29,32 @@ from typing import Optional
 
 import torch
 
-from chatlearn.algorithms.core import config_from_args, entropy_from_logits, logprobs_from_logits, masked_mean, \
-    masked_whiten, sequence_logprob
+from chatlearn.algorithms.core import (LOSS_AGG_MODES, LossAggregator, config_from_args, entropy_from_logits,
+                                       masked_whiten_global, sampling_logprobs, sampling_params, sequence_logprob)
 from chatlearn.algorithms.dpo import PAIRED_KEYS, DPOConfig, dpo_loss
 from chatlearn.algorithms.grpo import GRPOConfig, kl_loss
-from chatlearn.algorithms.ppo import PPOConfig, policy_loss
+from chatlearn.algorithms.ppo import PPOConfig, policy_loss, truncated_is_weights
 from chatlearn.data.batching import concat_padded
 from chatlearn.models.megatron import MegatronModule
 
 
+def behaviour_logprobs(batch: dict) -> torch.Tensor:
+    """The sampler's log-probs: ``behaviour_logprobs`` once ``old_logprobs`` was recomputed."""
+    return batch["behaviour_logprobs"] if "behaviour_logprobs" in batch else batch["old_logprobs"]
+
+
 class _PolicyTrainer(MegatronModule):
+    # The algorithm's settings dataclass (its keys are read from the model's YAML).
+    config_class: type = PPOConfig
+
     def setup(self) -> None:
         super().setup()
+        self.cfg = config_from_args(self.config_class, self.model_args)
+        mode = getattr(self.cfg, "loss_agg_mode", None)
+        if mode is not None and mode not in LOSS_AGG_MODES:
+            raise ValueError(f"model {self.name!r}: loss_agg_mode must be one of {LOSS_AGG_MODES}, got {mode!r}")
         self._check_consistency = True
-        self._consistency: list[torch.Tensor] = []  # |trainer - vLLM| logprob diffs of this step
+        self._consistency: list[torch.Tensor] = []  # trainer - sampler logprob diffs of this step
 
     def before_episode(self, episode: int) -> None:
         self._check_consistency = True
@@ -40,7 +63,15 @@ class _PolicyTrainer(MegatronModule):
         """After the last episode, export the trained policy as a Hugging Face checkpoint."""
         runtime = self.runtime_args
         if episode + 1 == runtime.num_episode:
-            self.save_hf_checkpoint(os.path.join(runtime.output_dir, runtime.exp_name, f"hf_{self.name}"))
+            self.save_hf_checkpoint(os.path.join(runtime.run_dir, f"hf_{self.name}"))
+
+    def forward_step(self, data: dict, iteration: int) -> dict:
+        """The recompute stage: ``old_logprobs`` from this trainer's weights (those just synced
+        to the sampler), the sampler's moved to ``behaviour_logprobs``."""
+        out = super().forward_step(data, iteration)
+        if not out:  # not the last pipeline stage
+            return {}
+        return {"old_logprobs": out["logprobs"] * data["loss_mask"], "behaviour_logprobs": behaviour_logprobs(data)}
 
     def train_step(self, data_list: list[dict], iteration: int) -> Optional[dict]:
         self._consistency = []
@@ -55,73 +86,88 @@ class _PolicyTrainer(MegatronModule):
         return metrics
 
     def _logprobs(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token log-probs and the response mask; records the vLLM gap on a checked step."""
-        logp = logprobs_from_logits(logits, micro_batch["input_ids"].to(logits.device))
+        """Token log-probs of the sampling distribution and the response mask; records the
+        gap to the sampler's log-probs on a checked step."""
         mask = micro_batch["loss_mask"].to(logits.device).float()
+        logp = sampling_logprobs(logits, micro_batch["input_ids"], **sampling_params(micro_batch), mask=mask)
         if self._check_consistency and "old_logprobs" in micro_batch:
-            diff = (logp.detach() - micro_batch["old_logprobs"].to(logits.device))[mask > 0]
+            valid = mask * micro_batch.get("sample_valid", torch.ones(mask.shape[0])).to(logits.device)[:, None]
+            diff = (logp.detach() - behaviour_logprobs(micro_batch).to(logits.device))[valid > 0]
             self._consistency.append(diff.cpu())
         return logp, mask
 
-    def _entropy(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return masked_mean(entropy_from_logits(logits), mask)
+    def _entropy(self, logits: torch.Tensor, micro_batch: dict) -> torch.Tensor:
+        """Per-token entropy of the tempered next-token distribution."""
+        return entropy_from_logits(logits, sampling_params(micro_batch).get("temperature"))
+
+    def _is_weights(self, micro_batch: dict, device: torch.device) -> Optional[torch.Tensor]:
+        if not self.cfg.tis_cap:
+            return None
+        if "behaviour_logprobs" not in micro_batch:
+            raise ValueError(f"model {self.name!r}: tis_cap needs recompute_old_logprobs (the sampler's "
+                             f"log-probs are then kept as behaviour_logprobs)")
+        return truncated_is_weights(micro_batch["old_logprobs"].to(device),
+                                    micro_batch["behaviour_logprobs"].to(device), self.cfg.tis_cap)
+
+    def _surrogate(self, logits: torch.Tensor, micro_batch: dict, clip_eps: float
+                   ) -> tuple[torch.Tensor, dict, torch.Tensor, LossAggregator]:
+        """The clipped surrogate (PPO and GRPO): loss share, metrics, log-probs, aggregator."""
+        device = logits.device
+        logp, mask = self._logprobs(logits, micro_batch)
+        agg = LossAggregator(micro_batch, mask)
+        weights = self._is_weights(micro_batch, device)
+        loss, metrics = policy_loss(logp, micro_batch["old_logprobs"].to(device), micro_batch["advantages"].to(device),
+                                    agg, clip_eps, self.cfg.loss_agg_mode, weights)
+        if weights is not None:
+            metrics["tis/weight_mean"] = agg.token_mean(weights)
+            metrics["tis/capped_fraction"] = agg.token_mean((weights >= self.cfg.tis_cap).float())
+        return loss, metrics, logp, agg
 
 
 class PolicyTrainer(_PolicyTrainer):
-    """PPO: clipped surrogate on the driver's GAE advantages (whitened per training batch)
+    """PPO: clipped surrogate on the driver's GAE advantages (whitened over the training batch)
     minus an entropy bonus. Settings: ``PPOConfig`` keys in the model's YAML."""
 
-    def setup(self) -> None:
-        super().setup()
-        self.ppo = config_from_args(PPOConfig, self.model_args)
+    config_class = PPOConfig
 
     def train_step(self, data_list: list[dict], iteration: int) -> Optional[dict]:
-        if self.ppo.whiten_advantages:
+        if self.cfg.whiten_advantages:
             data_list = _whiten_advantages(data_list)
         return super().train_step(data_list, iteration)
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
-        logp, mask = self._logprobs(logits, micro_batch)
-        advantages = micro_batch["advantages"].to(logits.device)
-        loss, metrics = policy_loss(logp, micro_batch["old_logprobs"].to(logits.device), advantages, mask,
-                                    self.ppo.clip_eps)
+        loss, metrics, _, agg = self._surrogate(logits, micro_batch, self.cfg.clip_eps)
         metrics["loss/policy"] = loss.detach()
-        if self.ppo.entropy_coef:
-            entropy = masked_mean(entropy_from_logits(logits), mask)
-            loss = loss - self.ppo.entropy_coef * entropy
-            metrics["entropy"] = entropy.detach()
-        else:
-            metrics["entropy"] = self._entropy(logits, mask)
+        entropy = self._entropy(logits, micro_batch)
+        if self.cfg.entropy_coef:
+            loss = loss - self.cfg.entropy_coef * agg.loss(entropy, self.cfg.loss_agg_mode)
+        metrics["entropy"] = agg.token_mean(entropy.detach())
         return loss, metrics
 
 
 class GRPOTrainer(_PolicyTrainer):
     """GRPO: clipped surrogate on group-normalised advantages + ``kl_coef`` x KL to the reference."""
 
-    def setup(self) -> None:
-        super().setup()
-        self.grpo = config_from_args(GRPOConfig, self.model_args)
+    config_class = GRPOConfig
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
-        logp, mask = self._logprobs(logits, micro_batch)
-        device = logits.device
-        surrogate, metrics = policy_loss(logp, micro_batch["old_logprobs"].to(device),
-                                         micro_batch["advantages"].to(device), mask, self.grpo.clip_eps)
-        kl = kl_loss(logp, micro_batch["ref_logprobs"].to(device), mask)
-        loss = surrogate + self.grpo.kl_coef * kl
-        metrics.update({"loss/policy": surrogate.detach(), "kl": kl.detach(), "entropy": self._entropy(logits, mask)})
+        surrogate, metrics, logp, agg = self._surrogate(logits, micro_batch, self.cfg.clip_eps)
+        kl = kl_loss(logp, micro_batch["ref_logprobs"].to(logits.device), agg, self.cfg.loss_agg_mode)
+        loss = surrogate + self.cfg.kl_coef * kl
+        metrics.update({"loss/policy": surrogate.detach(), "kl": kl.detach(),
+                        "entropy": agg.token_mean(self._entropy(logits, micro_batch).detach())})
         return loss, metrics
 
 
 class DPOTrainer(_PolicyTrainer):
     """Online DPO: each training sample is a (chosen, rejected) pair from ``DPOPairs``.
-    The pair's two sequences run through the model as one batch of 2b rows."""
+    The pair's two sequences run through the model as one batch of 2b rows, chosen first."""
+
+    config_class = DPOConfig
 
     def setup(self) -> None:
         super().setup()
-        self.dpo = config_from_args(DPOConfig, self.model_args)
-        self._check_consistency = False  # pairs carry no old_logprobs
+        self._check_consistency = False  # pairs carry no sampler log-probs
 
     def before_episode(self, episode: int) -> None:
         pass
@@ -131,24 +177,35 @@ class DPOTrainer(_PolicyTrainer):
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         logp, mask = self._logprobs(logits, micro_batch)
+        agg = LossAggregator(micro_batch, mask)
         policy = sequence_logprob(logp, mask)
         ref = sequence_logprob(micro_batch["ref_logprobs"].to(logits.device), mask)
         pairs = policy.shape[0] // 2
-        loss, metrics = dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], self.dpo.beta)
-        metrics.update({"loss/policy": loss.detach(), "entropy": self._entropy(logits, mask)})
+        loss, metrics = dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], self.cfg.beta, agg)
+        metrics.update({"loss/policy": loss.detach(),
+                        "entropy": agg.token_mean(self._entropy(logits, micro_batch).detach())})
         return loss, metrics
 
 
 def _whiten_advantages(data_list: list[dict]) -> list[dict]:
-    """Whiten advantages over all response tokens of this rank's training batch."""
+    """Whiten advantages over every response token of the global training batch (all
+    data-parallel ranks; padding rows left out)."""
+    from megatron.core import parallel_state as ps
+
     flat_adv = torch.cat([mb["advantages"].float().flatten() for mb in data_list])
-    flat_mask = torch.cat([mb["loss_mask"].float().flatten() for mb in data_list])
-    whitened = masked_whiten(flat_adv, flat_mask).split([mb["advantages"].numel() for mb in data_list])
+    flat_mask = torch.cat([(mb["loss_mask"].float() * mb.get("sample_valid", torch.ones(len(mb["loss_mask"])))
+                            .float()[:, None]).flatten() for mb in data_list])
+    whitened = masked_whiten_global(flat_adv, flat_mask, group=ps.get_data_parallel_group())
+    whitened = whitened.split([mb["advantages"].numel() for mb in data_list])
     return [{**mb, "advantages": w.view_as(mb["advantages"])} for mb, w in zip(data_list, whitened)]
 
 
 def _stack_pair(micro_batch: dict) -> dict:
-    """``chosen_*`` and ``rejected_*`` [b, s1], [b, s2] -> ``*`` [2b, max(s1, s2)], chosen rows first."""
-    return {key: concat_padded([micro_batch[f"chosen_{key}"], micro_batch[f"rejected_{key}"]])
-            for key in PAIRED_KEYS}
-
+    """``chosen_*`` and ``rejected_*`` [b, s1], [b, s2] -> ``*`` [2b, max(s1, s2)], chosen rows first;
+    the pair's per-row keys (validity, sampling settings) are repeated for both halves."""
+    stacked = {key: concat_padded([micro_batch[f"chosen_{key}"], micro_batch[f"rejected_{key}"]])
+               for key in PAIRED_KEYS}
+    for key, value in micro_batch.items():
+        if key not in stacked and not key.startswith(("chosen_", "rejected_")) and isinstance(value, torch.Tensor):
+            stacked[key] = torch.cat([value, value]) if value.dim() > 0 else value
+    return stacked

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from chatlearn.algorithms.core import config_from_args, shift_to_token_positions
+from chatlearn.algorithms.core import LossAggregator, config_from_args, shift_to_token_positions
 from chatlearn.algorithms.ppo import PPOConfig, explained_variance, value_loss
 from chatlearn.models.megatron import MegatronModule
 
@@ -29,10 +29,14 @@ class ValueTrainer(MegatronModule):
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         device = logits.device
         mask = micro_batch["loss_mask"].to(device).float()
+        agg = LossAggregator(micro_batch, mask)
         values = shift_to_token_positions(logits[..., 0].float())
         returns = micro_batch["returns"].to(device)
-        loss, metrics = value_loss(values, micro_batch["old_values"].to(device), returns, mask,
-                                   self.ppo.value_clip_eps)
+        loss, metrics = value_loss(values, micro_batch["old_values"].to(device), returns, agg,
+                                   self.ppo.value_clip_eps, self.ppo.loss_agg_mode)
+        # A share, like every metric here: the micro-batch's statistic weighted by its part of the
+        # global batch's tokens (explained variance is not a mean, so this is an approximation).
+        weight = agg.token_mean(torch.ones_like(mask))
         metrics.update({"loss/value": loss.detach(),
-                        "value/explained_variance": explained_variance(values.detach(), returns, mask)})
+                        "value/explained_variance": weight * explained_variance(values.detach(), returns, agg.mask)})
         return loss, metrics

@@ -1,0 +1,90 @@
+"""Run an entry script, killing its driver with SIGKILL at a chosen point of a chosen episode.
+
+    CHATLEARN_TEST_KILL=<episode>:<point> python tests/killable_run.py SCRIPT [ARGS...]
+
+``episode`` is 0-based. Points, in the order an episode passes them:
+
+    environment   before the episode's first rollout is asked for
+    rollouts      after its first rollout batch came back, the rest still in flight
+    train         training steps queued, their results not collected yet
+    sync          training done, weights not yet sent to the inference models
+    after_sync    weights sent; evaluation and the checkpoint not done yet
+    checkpoint    the checkpoint half-written (its data state on disk, the models not)
+
+A SIGKILL leaves no chance to clean up, as a node failure or the OOM killer would.
+Used by tests/test_resume.py; not part of the library.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(episode: int, point: str) -> None:
+    from chatlearn.runtime import engine as engine_module
+
+    Engine = engine_module.Engine
+    current = {"episode": -1}
+
+    def at(name: str, wrapped, when: str = "before"):
+        def wrapper(self, *args, **kwargs):
+            if when == "before" and current["episode"] == episode and point == name:
+                _die()
+            result = wrapped(self, *args, **kwargs)
+            if when == "after" and current["episode"] == episode and point == name:
+                _die()
+            return result
+        return wrapper
+
+    run_episode = Engine._run_episode
+
+    def tracking(self, ep):
+        current["episode"] = ep
+        return run_episode(self, ep)
+
+    Engine._run_episode = tracking
+    Engine._episode_prompts = at("environment", Engine._episode_prompts)
+    Engine._collect_train_metrics = at("train", Engine._collect_train_metrics)
+    sync = Engine._sync_parameters
+    Engine._sync_parameters = at("after_sync", at("sync", sync), when="after")
+
+    run_flow = Engine._run_flow
+
+    def first_batch_then_die(self, flow, samples, ep):
+        for i, batch in enumerate(run_flow(self, flow, samples, ep)):
+            yield batch
+            if i == 0 and flow is self.environment and current["episode"] == episode and point == "rollouts":
+                _die()
+
+    Engine._run_flow = first_batch_then_die
+    save = engine_module.atomic_torch_save
+
+    def half_then_die(obj, path):
+        save(obj, path)
+        if point == "checkpoint" and current["episode"] == episode and str(path).endswith("data_state.pt"):
+            _die()
+
+    engine_module.atomic_torch_save = half_then_die
+
+
+def main() -> None:
+    kill = os.environ.get("CHATLEARN_TEST_KILL")
+    if kill:
+        episode, point = kill.split(":")
+        install(int(episode), point)
+    script = sys.argv[1]
+    sys.argv = sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
