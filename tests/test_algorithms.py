@@ -233,3 +233,12 @@ def test_loss_aggregation_modes_over_a_split_batch_equal_the_whole_batch():
 def test_masked_whiten_global_on_one_rank_is_masked_whiten():
     x = torch.tensor([[9.0, 9.0, 1.0, 2.0, 3.0, 9.0]])
     assert torch.allclose(masked_whiten_global(x, MASK), masked_whiten(x, MASK), atol=1e-6)
+
+
+def test_dpo_nll_term_adds_the_chosen_per_token_nll():
+    two_rows = LossAggregator({}, torch.ones(2, 1))
+    args = (torch.tensor([-2.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]))
+    plain, _ = dpo_loss(*args, beta=0.5, agg=two_rows)
+    with_nll, metrics = dpo_loss(*args, beta=0.5, agg=two_rows, nll_coef=0.5, chosen_tokens=torch.tensor([4.0]))
+    assert with_nll.item() == pytest.approx(plain.item() + 0.5 * 2.0 / 4)
+    assert metrics["dpo/chosen_nll"].item() == pytest.approx(0.5)

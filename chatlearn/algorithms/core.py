@@ -164,37 +164,51 @@ def sampling_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature
     nothing (the sampler drew it, so it was inside); where the filter's boundary moves
     slightly (bf16 logits, or weights that moved since sampling) it keeps the log-prob
     finite instead of -inf, so no ratio or KL can become infinite.
+
+    Memory: rows are processed a few at a time (``_row_chunk``), so no fp32 copy of the
+    whole ``[b, s, vocab]`` logits is made beyond what autograd keeps for training.
     """
-    z = logits[:, :-1].float()
-    targets = input_ids[:, 1:].to(z.device)
-    if temperature is not None:
-        t = temperature.to(device=z.device, dtype=torch.float32)
-        t = torch.where(t < GREEDY_TEMPERATURE, torch.ones_like(t), t)
-        z = z / t[:, None, None]
-    picked = torch.log_softmax(z, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    filtered = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+    b, length, vocab = logits.shape
+    device = logits.device
+    targets = input_ids[:, 1:].to(device)
+    t = torch.ones(b, device=device) if temperature is None else temperature.to(device=device, dtype=torch.float32)
+    t = torch.where(t < GREEDY_TEMPERATURE, torch.ones_like(t), t)
+    filtered = torch.zeros(b, dtype=torch.bool, device=device)
     if top_k is not None:
-        k = top_k.to(z.device)
-        filtered |= (k > 0) & (k < z.shape[-1])
+        k = top_k.to(device)
+        filtered |= (k > 0) & (k < vocab)
     if top_p is not None:
-        filtered |= top_p.to(z.device) < 1.0
+        filtered |= top_p.to(device) < 1.0
     where = filtered[:, None].expand_as(targets)
     if mask is not None:
-        where = where & (mask[:, 1:].to(z.device) > 0)
-    if where.any():
-        rows, cols = where.nonzero(as_tuple=True)
-        values = []
-        for start in range(0, rows.numel(), _NUCLEUS_CHUNK_ROWS):
-            r, c = rows[start:start + _NUCLEUS_CHUNK_ROWS], cols[start:start + _NUCLEUS_CHUNK_ROWS]
-            sub, target = z[r, c], targets[r, c]
-            with torch.no_grad():
-                keep = nucleus_mask(sub, None if top_k is None else top_k.to(z.device)[r],
-                                    None if top_p is None else top_p.to(z.device)[r])
-                keep.scatter_(1, target.unsqueeze(1), True)
-            norm = torch.logsumexp(sub.masked_fill(~keep, float("-inf")), dim=-1)
-            values.append(sub.gather(1, target.unsqueeze(1)).squeeze(1) - norm)
-        picked = picked.index_put((rows, cols), torch.cat(values))
-    return torch.nn.functional.pad(picked, (1, 0), value=0.0)
+        where = where & (mask[:, 1:].to(device) > 0)
+    chunks = []
+    step = _row_chunk(length - 1, vocab)
+    for r0 in range(0, b, step):
+        r1 = min(r0 + step, b)
+        z = logits[r0:r1, :-1].float() / t[r0:r1, None, None]
+        target = targets[r0:r1]
+        picked = z.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        if where[r0:r1].any():
+            rows, cols = where[r0:r1].nonzero(as_tuple=True)
+            values = []
+            for i in range(0, rows.numel(), _NUCLEUS_CHUNK_ROWS):
+                r, c = rows[i:i + _NUCLEUS_CHUNK_ROWS], cols[i:i + _NUCLEUS_CHUNK_ROWS]
+                sub, tok = z[r, c], target[r, c]
+                with torch.no_grad():
+                    keep = nucleus_mask(sub, None if top_k is None else top_k.to(device)[r0:r1][r],
+                                        None if top_p is None else top_p.to(device)[r0:r1][r])
+                    keep.scatter_(1, tok.unsqueeze(1), True)
+                norm = torch.logsumexp(sub.masked_fill(~keep, float("-inf")), dim=-1)
+                values.append(sub.gather(1, tok.unsqueeze(1)).squeeze(1) - norm)
+            picked = picked.index_put((rows, cols), torch.cat(values))
+        chunks.append(picked)
+    return torch.nn.functional.pad(torch.cat(chunks), (1, 0), value=0.0)
+
+
+def _row_chunk(positions: int, vocab: int, budget_bytes: int = 1 << 30) -> int:
+    """Rows whose fp32 ``[rows, positions, vocab]`` logits fit in ``budget_bytes`` (at least one)."""
+    return max(1, budget_bytes // max(1, positions * vocab * 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,14 +277,17 @@ class LossAggregator:
 
 def entropy_from_logits(logits: torch.Tensor, temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[b, s]`` entropy of the next-token distribution (at the rows' ``temperature``, [b],
-    when given), aligned like ``logprobs_from_logits``."""
-    z = logits[:, :-1].float()
-    if temperature is not None:
-        t = temperature.to(device=z.device, dtype=torch.float32)
-        z = z / torch.where(t < GREEDY_TEMPERATURE, torch.ones_like(t), t)[:, None, None]
-    logp = torch.log_softmax(z, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return torch.nn.functional.pad(entropy, (1, 0), value=0.0)
+    when given), aligned like ``logprobs_from_logits``; a few rows at a time (``_row_chunk``)."""
+    b, length, vocab = logits.shape
+    t = torch.ones(b, device=logits.device) if temperature is None else \
+        temperature.to(device=logits.device, dtype=torch.float32)
+    t = torch.where(t < GREEDY_TEMPERATURE, torch.ones_like(t), t)
+    chunks = []
+    step = _row_chunk(length - 1, vocab)
+    for r0 in range(0, b, step):
+        logp = torch.log_softmax(logits[r0:r0 + step, :-1].float() / t[r0:r0 + step, None, None], dim=-1)
+        chunks.append(-(logp.exp() * logp).sum(-1))
+    return torch.nn.functional.pad(torch.cat(chunks), (1, 0), value=0.0)
 
 
 def shift_to_token_positions(per_position: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,17 @@ Each prompt gets two responses; the one with the higher score is *chosen*.
 With sequence log-likelihoods ``pi`` (policy) and ``ref`` (reference):
 
     margin = beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))
-    loss   = -log sigmoid(margin)
+    loss   = -log sigmoid(margin)  [+ nll_coef * (-pi_chosen / chosen tokens)]
+
+The optional second term (``nll_coef`` > 0) is the chosen response's negative
+log-likelihood per token, as in iterative reasoning preference optimisation (Pang et
+al. 2024): DPO alone can lower the chosen response's likelihood along with the
+rejected one's, which on tasks with one right answer moves probability to neither.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,17 +27,31 @@ class DPOConfig:
     beta: float = 0.1
     # Pairs whose scores differ by no more than this carry no preference and are dropped.
     min_score_gap: float = 0.0
+    # > 0: add this times the chosen response's per-token negative log-likelihood (IRPO).
+    nll_coef: float = 0.0
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float, agg: LossAggregator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             ref_rejected: torch.Tensor, beta: float, agg: LossAggregator, nll_coef: float = 0.0,
+             chosen_tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO loss averaged over the global batch's pairs, with ``dpo/accuracy`` (margin > 0) and
-    ``dpo/margin`` (shares, see ``LossAggregator``; the pair's rows are stacked chosen first)."""
+    ``dpo/margin`` (shares, see ``LossAggregator``; the pair's rows are stacked chosen first).
+    With ``nll_coef`` > 0 each pair also adds ``nll_coef * -policy_chosen / chosen_tokens``
+    (``dpo/chosen_nll`` reports that per-token NLL)."""
     margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-    loss = agg.sequence_mean(-F.logsigmoid(margin), rows_per_sample=2)
+    per_pair = -F.logsigmoid(margin)
+    chosen_nll = None
+    if nll_coef:
+        if chosen_tokens is None:
+            raise ValueError("dpo_loss: nll_coef needs chosen_tokens (the chosen responses' lengths)")
+        chosen_nll = -policy_chosen / chosen_tokens.clamp(min=1)
+        per_pair = per_pair + nll_coef * chosen_nll
+    loss = agg.sequence_mean(per_pair, rows_per_sample=2)
     with torch.no_grad():
         metrics = {"dpo/accuracy": agg.sequence_mean((margin > 0).float(), rows_per_sample=2),
                    "dpo/margin": agg.sequence_mean(margin, rows_per_sample=2)}
+        if chosen_nll is not None:
+            metrics["dpo/chosen_nll"] = agg.sequence_mean(chosen_nll, rows_per_sample=2)
     return loss, metrics
 
 

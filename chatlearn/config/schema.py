@@ -19,8 +19,9 @@ when present.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
 
 # ChatLearn 1.x's default lora_layer (its chatlearn.utils.constant.LORA_LAYER).
 LORA_LAYER = "ColumnParallelLinear,Embedding,LinearLayer,RowParallelLinear,VocabParallelEmbedding"
@@ -144,6 +145,11 @@ class RuntimeConfig:
         return getattr(self, key, default)
 
     @property
+    def _args_dict(self) -> Mapping[str, Any]:
+        """ChatLearn 1.x's ``runtime_args._args_dict``: every key by name, read-only."""
+        return _read_only_fields(self)
+
+    @property
     def run_dir(self) -> str:
         """Where a run writes metrics, checkpoints and exports: ``output_dir/exp_name``, or
         ``output_dir`` itself when it already ends with ``exp_name`` (ChatLearn 1.x's rule:
@@ -166,6 +172,15 @@ class RuntimeEnvConfig:
     def get(self, key: str, default: Any = None) -> Any:
         """ChatLearn 1.x's ``env_args.get(key)``: the value of ``key``, or ``default``."""
         return getattr(self, key, default)
+
+    @property
+    def _args_dict(self) -> Mapping[str, Any]:
+        """ChatLearn 1.x's ``env_args._args_dict``: every key by name, read-only."""
+        return _read_only_fields(self)
+
+
+def _read_only_fields(section: Any) -> Mapping[str, Any]:
+    return MappingProxyType({f.name: getattr(section, f.name) for f in fields(section)})
 
 
 @dataclass
@@ -228,6 +243,6 @@ class VLLMArgs:
     # or the model's load_weights (copies in place, faster); auto: load_weights on GPU.
     weight_loader: str = "auto"
     # Seed every sampling request from (runtime.seed, episode, sample index), so that a resumed
-    # run samples exactly what the uninterrupted one did. auto: on for CPU engines; off on GPU,
-    # where seeded requests leave vLLM's fastest sampling path (docs/vllm.md).
-    request_seeds: str = "auto"
+    # run samples exactly what the uninterrupted one did (cost measured on an H200: none visible,
+    # benchmarks/RESULTS.md).
+    request_seeds: bool = True

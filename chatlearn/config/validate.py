@@ -150,7 +150,6 @@ _RULES: dict[type, dict[str, list[Rule]]] = {
         "block_size": [_at_least(1)],
         "gpu_memory_utilization": [_within(0, 1, lo_open=True)],
         "weight_loader": [_one_of(*WEIGHT_LOADERS)],
-        "request_seeds": [_one_of("auto", "true", "false")],
     },
 }
 

@@ -3,7 +3,8 @@
 Set ``self.model`` (an ``nn.Module``) and, for trainers, ``self.optimizer`` in
 ``setup()``. Checkpoints, weight sync and offloading then work without more
 code: weights travel under their ``state_dict`` names, which for a Hugging
-Face model are already the canonical Hugging Face names.
+Face model are already the canonical Hugging Face names. A module that sets
+no ``self.model`` holds no weights: a parameter sync with it is a no-op.
 """
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ class TorchModule(BaseModule):
         restore_rng_state(state["rng"])
 
     # -- weight sync -------------------------------------------------------------
+    def has_weights(self) -> bool:
+        """A TorchModule without ``self.model`` (a rule-based reward, a 1.x module that never set
+        one) takes part in a parameter sync as a no-op."""
+        return self.model is not None
+
     def named_parameters_for_sync(self, device: str = "cpu") -> dict[str, torch.Tensor]:
         target = self.device if device == "cuda" else torch.device(device)
         return {name: t.detach().to(target) for name, t in self.model.state_dict().items()}

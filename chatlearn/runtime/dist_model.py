@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from chatlearn.models.base import ALL_RANKS, DATA_PARALLEL, ROUND_ROBIN, BaseModule, WorkerInfo
 from chatlearn.runtime.calls import CallLabel, CallTracker
 from chatlearn.runtime.worker import ModelWorker
+from chatlearn.utils.metrics import mean_metrics
 
 # Seconds workers get to clean up before they are killed.
 KILL_GRACE_S = 10.0
@@ -62,6 +63,8 @@ class DistModel:
     # Per-method call counters, passed to the module as ``iteration``; saved in checkpoints.
     iterations: dict[str, int] = field(default_factory=dict)
     loaded: bool = True  # False while offloaded (free_memory)
+    has_weights: bool = True  # False: no rank holds weights (a parameter sync with it is a no-op)
+    padding_config: dict = field(default_factory=dict)  # add_padding_config of its ranks
     _next_replica: Optional[itertools.cycle] = None
     _train_outputs: list = field(default_factory=list)
 
@@ -112,7 +115,8 @@ class DistModel:
                 # Rank r of a replica sits on the replica's r-th slot; a
                 # one-actor replica's actor sits on its first slot.
                 index = replica_id * self.slots_per_replica + rank
-                info = WorkerInfo(replica_id, rank, self.ranks_per_replica, self.tp, self.pp, self.dp_size)
+                info = WorkerInfo(replica_id, rank, self.ranks_per_replica, self.tp, self.pp, self.dp_size,
+                                  self.num_replicas)
                 options = dict(
                     num_cpus=self.share[index] if self.resource == "CPU" else 0,
                     num_gpus=self.share[index] if self.resource == "GPU" else 0,
@@ -143,8 +147,11 @@ class DistModel:
 
     def setup(self, timeout_s: float) -> None:
         refs = [self._track(w, "setup", w.actor.setup.remote()) for w in self.workers]
-        for w, info in zip(self.workers, self.tracker.get(refs, timeout_s)):
+        infos = self.tracker.get(refs, timeout_s)
+        for w, info in zip(self.workers, infos):
             w.dp_rank, w.is_output_rank = info["dp_rank"], info["is_output_rank"]
+            self.padding_config.update(info["padding_config"])
+        self.has_weights = any(info["has_weights"] for info in infos)
         for replica in self.replicas:
             if not any(w.is_output_rank for w in replica):
                 raise RuntimeError(f"model {self.name!r}: no rank of replica {replica[0].info.replica_id} "
@@ -153,8 +160,7 @@ class DistModel:
     def bind(self) -> None:
         """Make the driver-side module handle call its workers."""
         self.module._dist = self
-        for method in type(self.module).remote_methods():
-            mode = type(self.module).dispatch_mode(method)
+        for method, mode in self.module.remote_modes().items():
             if mode == ROUND_ROBIN:
                 setattr(self.module, method, _bound(self.round_robin, method))
             elif mode == DATA_PARALLEL:
@@ -196,7 +202,8 @@ class DistModel:
             return []  # nothing to train on: no step (an empty step would still move Adam's moments)
         iteration = self._next_iteration(method)
         refs = [
-            self._track(w, method, w.actor.call.remote(method, per_dp_rank[w.dp_rank], iteration, *extra))
+            self._track(w, method, w.actor.hook.remote(method, ("data", "iteration"), per_dp_rank[w.dp_rank],
+                                                       iteration, *extra))
             for w in self.workers
         ]
         outputs = [r for r, w in zip(refs, self.workers) if w.is_output_rank]
@@ -210,6 +217,12 @@ class DistModel:
 
     def all_ranks(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         return [self._track(w, method, w.actor.call.remote(method, *args, **kwargs)) for w in self.workers]
+
+    def hook(self, method: str, **offered) -> list[ray.ObjectRef]:
+        """The engine's call of hook ``method`` on every rank, with the arguments ``offered``
+        (in the engine's order) that the module's override accepts (``call_hook``)."""
+        names = tuple(offered)
+        return [self._track(w, method, w.actor.hook.remote(method, names, *offered.values())) for w in self.workers]
 
     def run_on_worker(self, w: WorkerHandle, label: str, fn, *args) -> ray.ObjectRef:
         """Run ``fn(module, *args)`` inside worker ``w`` (tracked under ``label``).
@@ -227,10 +240,25 @@ class DistModel:
         results = self.tracker.get(refs)
         return [r for r, w in zip(results, self.workers) if w.is_output_rank]
 
+    def pop_episode_stats(self) -> tuple[dict[str, float], dict[str, float]]:
+        """``(seconds per method, module metrics)`` since the last call: the seconds summed over
+        replicas (max over a replica's ranks), the metrics (``get_and_clear_metrics``) averaged
+        over the output ranks and named ``<prefix>/<key>`` (just ``<key>`` without a prefix)."""
+        stats = self.tracker.get([self._track(w, "pop_episode_stats", w.actor.pop_episode_stats.remote())
+                                  for w in self.workers])
+        outputs = [s for s, w in zip(stats, self.workers) if w.is_output_rank]
+        merged = mean_metrics([s["metrics"] for s in outputs])
+        prefix = next((s["prefix"] for s in outputs if s["prefix"]), "")
+        metrics = {(f"{prefix}/{k}" if prefix else k): v for k, v in merged.items()}
+        return self._sum_timings([s["timings"] for s in stats]), metrics
+
     def pop_timings(self) -> dict[str, float]:
         """Seconds spent per method, summed over replicas, max over a replica's ranks."""
         per_worker = self.tracker.get([self._track(w, "pop_timings", w.actor.pop_timings.remote())
                                        for w in self.workers])
+        return self._sum_timings(per_worker)
+
+    def _sum_timings(self, per_worker: list[dict[str, float]]) -> dict[str, float]:
         totals: dict[str, float] = {}
         for replica_id in range(self.num_replicas):
             ranks = per_worker[replica_id * self.ranks_per_replica:(replica_id + 1) * self.ranks_per_replica]

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
 import sys
 import time
+import uuid
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
@@ -32,10 +34,10 @@ from chatlearn.data.prompts import (PromptDataset, filter_min_prompt_length, lim
                                     with_prompt_field)
 from chatlearn.data.relay import RelayBuffers
 from chatlearn.data.stream_dataset import StreamDataset
-from chatlearn.models.base import BaseModule
+from chatlearn.models.base import RESUME_ENV, STORE_ENV, BaseModule
 from chatlearn.runtime.calls import CallTracker
 from chatlearn.runtime.dist_model import DistModel, RemoteBatch
-from chatlearn.runtime.flow import BaseFlow, Environment, Evaluator, Trainer
+from chatlearn.runtime.flow import BaseFlow, Environment, Evaluator, FlowError, Trainer, _check_datasets
 from chatlearn.synchronizer.base import ParameterSynchronizer, StateDictSynchronizer
 from chatlearn.data.rollout_dump import rollout_record
 from chatlearn.utils.atomic import (atomic_checkpoint, atomic_torch_save, atomic_write_bytes, checkpoint_path,
@@ -54,21 +56,21 @@ _SEED_MASK = (1 << 63) - 1
 STARTUP_TIMEOUT_S = 900.0
 
 
-class FlowError(ValueError):
-    """A flow uses a model the config or the engine does not know."""
+__all__ = ["Engine", "EvalEngine", "FlowError", "TrainBatch", "RolloutProcessor"]
 
 
 class TrainBatch:
     """One global training batch; each trainer splits it for its own data-parallel size."""
 
-    def __init__(self, samples: list[dict], micro_batch_size: int):
+    def __init__(self, samples: list[dict], micro_batch_size: int, pad_values: Optional[dict] = None):
         self.samples = samples
         self.micro_batch_size = micro_batch_size
+        self.pad_values = pad_values  # per key (the models' add_padding_config); default 0
 
     def per_dp_rank(self, dp_size: int) -> list[list[dict]]:
         """``split_global_batch``: equal micro-batch counts and shapes on every rank, the
         short tail padded with rows that weigh nothing (never dropped)."""
-        return split_global_batch(self.samples, dp_size, self.micro_batch_size)
+        return split_global_batch(self.samples, dp_size, self.micro_batch_size, self.pad_values)
 
 
 class RolloutProcessor(Protocol):
@@ -95,25 +97,24 @@ class RolloutProcessor(Protocol):
 
 
 class Engine:
-    """Runs an environment flow, a trainer flow and an optional evaluator."""
+    """Runs an environment flow, a trainer flow and an optional evaluator.
 
-    def __init__(self, environment: Environment, trainer: Trainer, evaluator: Optional[Evaluator] = None,
-                 rollout_processor: Optional[RolloutProcessor] = None):
+    ``name`` (ChatLearn 1.x's fourth argument, also accepted there) labels the run in logs.
+    """
+
+    def __init__(self, environment: Optional[Environment] = None, trainer: Optional[Trainer] = None,
+                 evaluator: Optional[Evaluator] = None, rollout_processor: Optional[RolloutProcessor] = None,
+                 name: Optional[str] = None):
+        if isinstance(rollout_processor, str):  # ChatLearn 1.x: Engine(env, trainer, evaluator, name)
+            name, rollout_processor = rollout_processor, None
         self.config = get_args()
         self.runtime = self.config.runtime
+        self.name = name or type(self).__name__
         self.environment = environment
         self.trainer = trainer
         self.evaluator = evaluator
         self.rollout_processor = rollout_processor
-        self.flows: list[BaseFlow] = [f for f in (environment, trainer, evaluator) if f is not None]
-        self.models: dict[str, BaseModule] = {}
-        for flow in self.flows:
-            self._register_flow_models(flow)
-        for name in self.models:
-            if self.config.models[name].gpu_per_process > 1:
-                raise ValueError(f"{self.config.config_path or 'config'}: models.{name}.gpu_per_process: the engine "
-                                 f"runs one process per device (got {self.config.models[name].gpu_per_process}); "
-                                 f"a vLLM replica spans tensor_model_parallel_size devices by itself")
+        self._register_flows()
         self.sync_pairs: list[tuple[str, str, ParameterSynchronizer]] = []
         self.relay_sample_fn: Optional[Callable] = None
         self.prompts: Optional[list] = None
@@ -128,8 +129,17 @@ class Engine:
         self._resume_from: Optional[tuple[int, str]] = None  # (episode, checkpoint dir)
         self._steps_this_episode = 0
         self._skipped_this_episode = 0
+        # Training steps (trainer-flow calls) so far: ChatLearn 1.x's trainer iteration, passed to
+        # save_checkpoint(iteration) and to an evaluator's eval_info; saved in checkpoints.
+        self.train_iteration = 0
         # Syncs each inference model has received: the policy version of what it samples.
         self.weight_versions: dict[str, int] = {}
+        self.running = False  # between start-up and shutdown (workers exist)
+        self.pad_values: dict[str, Any] = {}  # the models' add_padding_config, for training batches
+        self._noop_sync: set[tuple[str, str]] = set()  # pairs with a side that holds no weights
+        self._collate_fns: dict[str, Optional[Callable]] = {}  # a build_dataset Dataset's collate_fn
+        self._store_name = f"chatlearn_store_{uuid.uuid4().hex[:12]}"  # put()/get() of the models
+        self._warned_1x_save: set[str] = set()
 
     # -- user API ----------------------------------------------------------------
     def set_dataset(self, prompts: list) -> "Engine":
@@ -138,11 +148,59 @@ class Engine:
         self.prompts = list(prompts)
         return self
 
+    def set_multiple_datasets(self, all_datasets: list[list]) -> "Engine":
+        """ChatLearn 1.x: prompt datasets drawn from in ``runtime.data_ratio``. One dataset is
+        ``set_dataset``; mixing several is not implemented."""
+        _check_datasets(all_datasets)
+        if len(all_datasets) > 1:
+            raise NotImplementedError(
+                f"set_multiple_datasets: mixing {len(all_datasets)} datasets (ChatLearn 1.x's data_ratio) is not "
+                f"implemented; join them into one list for engine.set_dataset(...) (sampled in proportion to "
+                f"their sizes), or repeat a dataset's prompts to weigh it more")
+        return self.set_dataset(all_datasets[0])
+
     def set_relay_sample_fn(self, fn: Callable[[list], list[dict]]) -> "Engine":
         """``fn(episode_relay_buffers) -> samples`` picks the training samples of each
         episode from the kept ``EpisodeRelayBuffer``s (oldest first)."""
         self.relay_sample_fn = fn
         return self
+
+    def set_relay_sample_manager(self, manager: Callable[[list], list[dict]]) -> "Engine":
+        """ChatLearn 1.0.3's name for ``set_relay_sample_fn`` (a ``RelaySampleManager`` is a callable)."""
+        return self.set_relay_sample_fn(manager)
+
+    def set_environment(self, environment: Environment) -> "Engine":
+        self.environment = environment
+        self._register_flows()
+        return self
+
+    def set_trainer(self, trainer: Trainer) -> "Engine":
+        self.trainer = trainer
+        self._register_flows()
+        return self
+
+    def set_evaluator(self, evaluator: Optional[Evaluator]) -> "Engine":
+        self.evaluator = evaluator
+        self._register_flows()
+        return self
+
+    def logging_summary(self, iteration: int = -1) -> dict[str, dict[str, float]]:
+        """ChatLearn 1.x: the time summary of episode ``iteration`` (0-based; -1: before training),
+        logged and returned as ``{model: {method: seconds}}`` plus ``{"episode": {...}}`` (the
+        episode's ``time/*`` metrics). Every episode is also logged by ``learn()`` itself."""
+        metrics = self.initial_eval if iteration < 0 else \
+            (self.history[iteration - self.start_episode] if 0 <= iteration - self.start_episode < len(self.history)
+             else {})
+        summary: dict[str, dict[str, float]] = {}
+        for key, value in metrics.items():
+            if not key.startswith("time/"):
+                continue
+            name, _, method = key[len("time/"):].partition(".")
+            summary.setdefault(name if method else "episode", {})[method or name] = value
+        logger.info("%s episode %d time summary: %s", self.name, iteration + 1,
+                    "; ".join(f"{m}: " + ", ".join(f"{k}={v:.3g}s" for k, v in t.items()) for m, t in summary.items())
+                    or "nothing recorded")
+        return summary
 
     def set_parameter_sync(self, trainer: BaseModule, inference: BaseModule,
                            synchronizer: Optional[ParameterSynchronizer] = None) -> "Engine":
@@ -155,8 +213,23 @@ class Engine:
         self.sync_pairs.append((trainer.name, inference.name, synchronizer or StateDictSynchronizer()))
         return self
 
+    def logging_memory(self) -> dict[str, list[float]]:
+        """ChatLearn 1.x: every rank's peak memory in GiB (``peak_memory()``), per model, logged.
+        Needs the workers: call it inside ``learn()`` (e.g. from a relay_sample_fn)."""
+        if not self.running:
+            raise RuntimeError("logging_memory() reads the workers' peak memory: call it while the engine runs; "
+                               "after learn() see chatlearn.utils.memory.PeakRSSMonitor")
+        peaks = {name: [float(v) for v in self.tracker.get(d.all_ranks("peak_memory"))]
+                 for name, d in self.dist.items()}
+        for name, values in peaks.items():
+            logger.info("%s peak memory (GiB) per rank: %s", name, " | ".join(f"{v:.2f}" for v in values))
+        return peaks
+
     def learn(self) -> list[dict[str, float]]:
         """Run ``runtime.num_episode`` episodes; returns the per-episode metrics."""
+        if self.environment is None or self.trainer is None:
+            raise ValueError(f"{self.name}.learn() needs an environment and a trainer flow "
+                             f"(set_environment / set_trainer); to evaluate alone use EvalEngine")
         if self.prompts is None:
             raise ValueError("call engine.set_dataset(prompts) before engine.learn()")
         try:
@@ -167,6 +240,22 @@ class Engine:
         return self.history
 
     # -- start-up ----------------------------------------------------------------
+    def _register_flows(self) -> None:
+        """(Re)collect the models of the engine's flows and trace each flow; all checks
+        that need no worker happen here."""
+        self.flows: list[BaseFlow] = [f for f in (self.environment, self.trainer, self.evaluator) if f is not None]
+        self.models: dict[str, BaseModule] = {}
+        for flow in self.flows:
+            self._register_flow_models(flow)
+        for name, model in self.models.items():
+            if self.config.models[name].gpu_per_process > 1:
+                raise ValueError(f"{self.config.config_path or 'config'}: models.{name}.gpu_per_process: the engine "
+                                 f"runs one process per device (got {self.config.models[name].gpu_per_process}); "
+                                 f"a vLLM replica spans tensor_model_parallel_size devices by itself")
+            model.check_chatlearn1x_overrides()
+        if self.evaluator is not None:
+            self.evaluator._engine = self
+
     def _register_flow_models(self, flow: BaseFlow) -> None:
         models = flow.models()
         if not models:
@@ -197,6 +286,7 @@ class Engine:
             logging.getLogger("chatlearn").setLevel("DEBUG")
         self._check_relay()
         self._check_resume_settings()
+        self._locate_checkpoint()  # before the workers start: their setup() sees resume_training
         self._start_ray()
         self._create_models()
         self._setup_data()
@@ -260,6 +350,8 @@ class Engine:
         # driver's import path.
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *paths]))
+        env[STORE_ENV] = self._store_name
+        env[RESUME_ENV] = "1" if self._resume_from is not None else "0"
         return env
 
     def _create_models(self) -> None:
@@ -285,14 +377,50 @@ class Engine:
         for d in self.dist.values():
             d.setup(STARTUP_TIMEOUT_S)
             d.bind()
+        self.running = True
         logger.info("placed %s", ", ".join(f"{n}: {d.num_replicas} replica(s) x {d.ranks_per_replica} rank(s)"
                                           for n, d in self.dist.items()))
+        self._check_weightless_sync_pairs()
+        for d in self.dist.values():
+            self.pad_values.update({k: v["padding_value"] for k, v in d.padding_config.items()})
+
+    def _check_weightless_sync_pairs(self) -> None:
+        """A pair with a side that holds no weights syncs as a no-op, with one warning (as in 1.x)."""
+        for src, dst, _ in self.sync_pairs:
+            empty = [name for name in (src, dst) if not self.dist[name].has_weights]
+            if empty:
+                self._noop_sync.add((src, dst))
+                logger.warning("parameter sync %s -> %s: %s hold%s no weights (e.g. a module without self.model); "
+                               "the pair is synced as a no-op", src, dst, " and ".join(empty),
+                               "" if len(empty) > 1 else "s")
+
+    def _build_dataset(self, flow: BaseFlow, prompts: list, is_eval: bool) -> list:
+        """The flow's first model's ``build_dataset(prompts, is_eval)`` as samples; a Dataset's
+        ``collate_fn`` (ChatLearn 1.x) is kept to batch them."""
+        first = self.dist[flow.graph[0].model]
+        refs = first.hook("build_dataset", prompts=prompts, is_eval=is_eval)
+        dataset = next(r for r, w in zip(self.tracker.get(refs), first.workers) if w.is_output_rank)
+        if dataset is None:
+            raise ValueError(f"{type(first.module).__name__}.build_dataset() returned None: it must return the "
+                             f"samples (a list or a torch Dataset)")
+        collate_fn = getattr(dataset, "collate_fn", None)
+        self._collate_fns[flow.kind] = collate_fn
+        return _as_samples(dataset, dicts=collate_fn is None)
 
     def _setup_data(self) -> None:
+        if self.environment is not None:
+            self._setup_train_data()
+        self.eval_samples: list = []
+        if self.evaluator is not None and self.evaluator.prompts is not None:
+            prompts = with_prompt_field(limit_prompts(self.evaluator.prompts, self.runtime.eval_data_num_limit),
+                                        self.runtime.query_key)
+            self.eval_samples = self._build_dataset(self.evaluator, prompts, True)
+
+    def _setup_train_data(self) -> None:
         first = self.dist[self.environment.graph[0].model]
         prompts = with_prompt_field(limit_prompts(self.prompts, self.runtime.training_data_num_limit),
                                     self.runtime.query_key)
-        samples = _as_samples(first.call_output_ranks("build_dataset", prompts, False)[0])
+        samples = self._build_dataset(self.environment, prompts, False)
         min_length = self.config.models[first.name].batch_generation.min_prompt_length
         if min_length > 0:
             kept = filter_min_prompt_length(samples, min_length)
@@ -305,18 +433,16 @@ class Engine:
         self.prompt_data = PromptDataset(samples, seed=self.runtime.seed, shuffle=self.runtime.data_shuffle)
         self.relay = RelayBuffers(self.runtime.max_relay_episode, self.runtime.relay_episode_offset,
                                   seed=self.runtime.seed)
-        if self.evaluator is not None and self.evaluator.prompts is not None:
-            first_eval = self.dist[self.evaluator.graph[0].model]
-            prompts = with_prompt_field(limit_prompts(self.evaluator.prompts, self.runtime.eval_data_num_limit),
-                                        self.runtime.query_key)
-            self.eval_samples = _as_samples(first_eval.call_output_ranks("build_dataset", prompts, True)[0])
 
-    def _setup_output(self) -> None:
+    def _locate_checkpoint(self) -> None:
         """Pick the checkpoint to resume from (before anything is logged: an interrupted
-        attempt's metrics after it are cut away) and open the metrics."""
+        attempt's metrics after it are cut away)."""
         self.run_dir = self.runtime.run_dir
         self.checkpoint_root = self.runtime.data_checkpoint_path or os.path.join(self.run_dir, "checkpoints")
         self._resume_from = self._find_checkpoint()
+
+    def _setup_output(self) -> None:
+        """Open the metrics (cut back to the checkpoint a resumed run starts from)."""
         start = self._resume_from[0] + 1 if self._resume_from else 0
         self._metrics = MetricsWriter(self.run_dir, start_episode=start)
 
@@ -350,7 +476,7 @@ class Engine:
         timer = functools.partial(_timed, metrics)
         for d in self.dist.values():
             d.reset_round_robin()
-        self._call_all("before_episode", episode)
+        self._hook_all("before_episode", episode=episode)
         stream = self._stream(episode)
         # Training starts while rollouts still arrive, unless the relay buffers
         # must see the whole episode first or colocated models take turns.
@@ -359,7 +485,7 @@ class Engine:
         with timer("time/environment"):
             self._phase(active=self._flow_models(self.environment))
             samples, rollout_metrics, rollout_sizes, rollouts = [], [], [], []
-            for batch in self._run_flow(self.environment, self._episode_prompts(episode), episode):
+            for batch, _ in self._run_flow(self.environment, self._episode_prompts(episode), episode):
                 if self.rollout_processor is not None:
                     train_batch, batch_metrics = self.rollout_processor.process(batch, episode)
                     rollout_metrics.append(batch_metrics)
@@ -403,14 +529,16 @@ class Engine:
         with timer("time/sync"):
             self._sync_parameters(episode, metrics)
 
-        self._call_all("after_episode", episode)
+        self._hook_all("after_episode", episode=episode)
         if self._evaluates() and (episode + 1) % self.runtime.eval_episode_interval == 0:
             with timer("time/eval"):
                 metrics.update(self.evaluate(episode))
         for name, d in self.dist.items():
-            for method, seconds in d.pop_timings().items():
-                if method in d.module.remote_methods():
-                    metrics[f"time/{name}.{method}"] = seconds
+            timings, module_metrics = d.pop_episode_stats()
+            metrics.update(module_metrics)  # ChatLearn 1.x's _metric_list, as <prefix>/<key>
+            remote = d.module.remote_modes()
+            metrics.update({f"time/{name}.{method}": seconds for method, seconds in timings.items()
+                            if method in remote})
         return metrics
 
     def _episode_prompts(self, episode: int) -> list[dict]:
@@ -419,30 +547,43 @@ class Engine:
             prompts = rank_by_length(prompts)
         return prompts
 
-    def _run_flow(self, flow: BaseFlow, samples: list[dict], episode: int) -> Iterator[dict]:
+    def _run_flow(self, flow: BaseFlow, samples: list, episode: int) -> Iterator[tuple[dict, list]]:
         """Push every batch of ``samples`` through ``flow`` at once (stages of different
         batches overlap on different replicas), then yield each output batch in order
-        as it completes.
+        as it completes, with ``[(model name, that stage's output)]`` for each stage the
+        flow returned (a flow returning several merges them into the batch, later wins).
 
         Each sample gets a ``request_seed`` from (runtime.seed, flow, episode, its index):
         a sampler that seeds each request with it (vLLM's ``request_seeds``) draws the
         same responses whether or not the run was interrupted and resumed.
         """
         kind = 1 if flow is self.evaluator else 0
-        samples = [{**s, "request_seed": derive_seed(self.runtime.seed, kind, episode, i) & _SEED_MASK}
-                   for i, s in enumerate(samples)]
+        seeds = [derive_seed(self.runtime.seed, kind, episode, i) & _SEED_MASK for i in range(len(samples))]
+        collate_fn = self._collate_fns.get(flow.kind)
         first = self.config.models[flow.graph[0].model]
         batch_size = first.generation_batch_size if first.generation_batch_size > 0 \
             else self.runtime.generation_batch_size
         outputs = []
         for start in range(0, len(samples), batch_size):
-            out = flow(collate(samples[start:start + batch_size]))
-            if not isinstance(out, RemoteBatch):
-                raise FlowError(f"{flow.kind} flow {flow.fn_name}() must return the output of a model call")
-            outputs.append(out)
-        for out in outputs:
-            (batch,) = self.tracker.get([out.ref])
-            yield batch
+            chunk, chunk_seeds = samples[start:start + batch_size], seeds[start:start + batch_size]
+            if collate_fn is None:
+                batch = collate([{**s, "request_seed": seed} for s, seed in zip(chunk, chunk_seeds)])
+            else:  # the Dataset's own collate_fn (ChatLearn 1.x)
+                batch = collate_fn(chunk)
+                if isinstance(batch, dict) and "request_seed" not in batch:
+                    batch = {**batch, "request_seed": chunk_seeds}
+            out = flow(batch)
+            parts = out if isinstance(out, (tuple, list)) else (out,)
+            if not parts or not all(isinstance(o, RemoteBatch) for o in parts):
+                raise FlowError(f"{flow.kind} flow {flow.fn_name}() must return the output of a model call "
+                                f"(or several, as a tuple)")
+            outputs.append(parts)
+        for parts in outputs:
+            batches = self.tracker.get([o.ref for o in parts])
+            merged: dict = {}
+            for b in batches:
+                merged.update(b)
+            yield merged, [(o.producer.split(".")[0], b) for o, b in zip(parts, batches)]
 
     def _stream(self, episode: int) -> StreamDataset:
         # A custom relay_sample_fn decides how many samples to train on, so its
@@ -469,8 +610,9 @@ class Engine:
             if self.rollout_processor is not None and not any(map(self.rollout_processor.is_trainable, samples)):
                 self._skipped_this_episode += 1
                 continue
-            self.trainer(TrainBatch(samples, self.runtime.train_micro_batch_size))
+            self.trainer(TrainBatch(samples, self.runtime.train_micro_batch_size, self.pad_values))
             self._steps_this_episode += 1
+            self.train_iteration += 1
 
     def _dump_rollouts(self, episode: int, rollouts: list[dict]) -> None:
         """``<rollout_dump_dir>/episode_<N>.jsonl``: one line per rollout (see docs/data.md)."""
@@ -509,6 +651,9 @@ class Engine:
 
     def _sync_pair(self, src: str, dst: str, synchronizer: ParameterSynchronizer, metrics: dict[str, float],
                    new_version: bool = True) -> None:
+        if (src, dst) in self._noop_sync:  # a side holds no weights (warned at start)
+            metrics[f"sync/{src}->{dst}/noop"] = 1.0
+            return
         self._phase(active={src, dst}, offload_others=False)
         stats = synchronizer.sync(self.dist[src], self.dist[dst])
         if new_version:
@@ -526,15 +671,24 @@ class Engine:
             self.runtime.eval_episode_interval > 0
 
     def evaluate(self, episode: int) -> dict[str, float]:
+        """Run the evaluator on its prompts; its metrics, named ``eval/<key>``."""
         if self.evaluator is None or self.evaluator.prompts is None:
             return {}
+        return self.run_evaluation(episode)[0]
+
+    def run_evaluation(self, episode: int, train_iteration: Optional[int] = None) -> tuple[dict[str, float], Any]:
+        """``(metrics named eval/<key>, the post-processed results)`` of one evaluation
+        (``Evaluator.process_results``; ``Evaluator.eval`` returns the second)."""
         self._phase(active=self._flow_models(self.evaluator))
-        results = [s for batch in self._run_flow(self.evaluator, self.eval_samples, episode)
-                   for s in split_batch(batch)]
-        if self.evaluator.post_process_func is None:
-            return {"eval/num_samples": float(len(results))}
-        metrics = self.evaluator.post_process_func(results, episode) or {}
-        return {(k if k.startswith("eval/") else f"eval/{k}"): float(v) for k, v in metrics.items()}
+        samples: list[dict] = []
+        by_model: dict[str, list] = {}
+        for batch, parts in self._run_flow(self.evaluator, self.eval_samples, episode):
+            samples += split_batch(batch)
+            for name, part in parts:
+                by_model.setdefault(name, []).append(part)
+        metrics, processed = self.evaluator.process_results(
+            samples, by_model, episode, self.train_iteration if train_iteration is None else train_iteration)
+        return {(k if k.startswith("eval/") else f"eval/{k}"): float(v) for k, v in metrics.items()}, processed
 
     # -- memory: colocated models with free_memory give memory back while idle ----
     def _flow_models(self, flow: BaseFlow) -> set[str]:
@@ -551,8 +705,9 @@ class Engine:
                 d.loaded = want_loaded
         self.tracker.get(refs)
 
-    def _call_all(self, method: str, *args) -> None:
-        self.tracker.get([ref for d in self.dist.values() for ref in d.all_ranks(method, *args)])
+    def _hook_all(self, method: str, **offered) -> None:
+        """Hook ``method`` on every rank of every model (each takes what it accepts of ``offered``)."""
+        self.tracker.get([ref for d in self.dist.values() for ref in d.hook(method, **offered)])
 
     # -- checkpoints -------------------------------------------------------------
     def _checkpointed_models(self) -> list[tuple[str, DistModel]]:
@@ -573,10 +728,19 @@ class Engine:
                 "iterations": {n: dict(d.iterations) for n, d in self.dist.items()},
                 "weight_versions": dict(self.weight_versions),
                 "history": self.history,
+                "train_iteration": self.train_iteration,
             }
             atomic_torch_save(state, os.path.join(tmp, "data_state.pt"))
-            refs = [ref for name, d in self._checkpointed_models()
-                    for ref in d.all_ranks("save_checkpoint", os.path.join(tmp, "models", name))]
+            refs = []
+            for name, d in self._checkpointed_models():
+                if _saves_itself(d.module) and name not in self._warned_1x_save:
+                    self._warned_1x_save.add(name)
+                    logger.warning("model %r: save_checkpoint(iteration) (ChatLearn 1.x's signature) saves where "
+                                   "the module decides, as in 1.x; the engine's checkpoint holds the run's data "
+                                   "position but not these weights. On resume the module's resume_training is "
+                                   "True in setup(), where it loads its own save (1.x's pattern)", name)
+                refs += d.hook("save_checkpoint", path=os.path.join(tmp, "models", name),
+                               iteration=self.train_iteration)
             self.tracker.get(refs)
         logger.info("saved checkpoint of episode %d under %s", episode + 1, self.checkpoint_root)
 
@@ -626,8 +790,10 @@ class Engine:
             d.iterations.update(state["iterations"].get(name, {}))
         self.weight_versions = dict(state.get("weight_versions", {}))
         self.history = list(state["history"])
-        self.tracker.get([ref for name, d in self._checkpointed_models()
-                          for ref in d.all_ranks("load_checkpoint", os.path.join(path, "models", name))])
+        self.train_iteration = int(state.get("train_iteration", 0))
+        # A module that saves itself (1.x's save_checkpoint(iteration)) loaded its save in setup().
+        self.tracker.get([ref for name, d in self._checkpointed_models() if not _saves_itself(d.module)
+                          for ref in d.hook("load_checkpoint", path=os.path.join(path, "models", name))])
         self.start_episode = episode + 1
         # Inference models whose weights come from a trainer (a vLLM policy keeps
         # no checkpoint of its own) take the restored trainer weights now, so the
@@ -637,10 +803,15 @@ class Engine:
         logger.info("resumed from %s: continuing at episode %d", path, self.start_episode + 1)
 
     # -- teardown ----------------------------------------------------------------
+    def stop(self) -> None:
+        """ChatLearn 1.x's name for ``shutdown`` (``learn()`` already stops everything it started)."""
+        self.shutdown()
+
     def shutdown(self) -> None:
         """Kill every worker (no hung processes), close outputs, stop a Ray we started."""
         import ray
 
+        self.running = False
         for d in self.dist.values():
             d.kill()
         self.dist.clear()
@@ -658,16 +829,73 @@ class Engine:
             self._started_ray = False
 
 
+class EvalEngine(Engine):
+    """Evaluation alone (ChatLearn 1.x): an evaluator flow over its prompts, no training.
+
+        engine = EvalEngine(eval_flow).set_dataset(prompts)     # or EvalEngine(evaluator=...)
+        results = engine.eval()   # the evaluator's post-processed results (by default
+                                  # {model name: [output batch, ...]}, as in 1.x)
+
+    Starts Ray and the evaluator's models, runs the evaluation once, and stops them.
+    """
+
+    def __init__(self, eval_flow: Optional[Callable] = None, evaluator: Optional[Evaluator] = None):
+        if evaluator is None:
+            if eval_flow is None:
+                raise ValueError("EvalEngine needs an eval_flow function or an evaluator")
+            evaluator = Evaluator(eval_flow)
+        super().__init__(evaluator=evaluator)
+
+    def set_dataset(self, prompts: list) -> "EvalEngine":
+        if len(prompts) == 0:
+            raise ValueError("set_dataset: the prompt list is empty")
+        self.evaluator.set_dataset(prompts)
+        return self
+
+    def set_multiple_datasets(self, all_datasets: list[list]) -> "EvalEngine":
+        self.evaluator.set_multiple_datasets(all_datasets)
+        return self
+
+    def learn(self) -> list[dict[str, float]]:
+        raise ValueError("EvalEngine evaluates, it does not train: call engine.eval()")
+
+    def eval(self, cur_iter: Optional[int] = None, train_iteration: Optional[int] = None) -> Any:
+        """Run the evaluation; returns the post-processed results (its metrics are logged)."""
+        if self.evaluator.prompts is None:
+            raise ValueError("call engine.set_dataset(prompts) before engine.eval()")
+        try:
+            if self.runtime.debug:
+                logging.getLogger("chatlearn").setLevel("DEBUG")
+            self._start_ray()
+            self._create_models()
+            self._setup_data()
+            metrics, processed = self.run_evaluation(-1 if cur_iter is None else cur_iter, train_iteration or 0)
+            logger.info("evaluation: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            self.eval_metrics = metrics
+            return processed
+        finally:
+            self.shutdown()
+
+
+def _saves_itself(module: BaseModule) -> bool:
+    """ChatLearn 1.x's ``save_checkpoint(iteration)``: the module saves where it decides (not
+    under the engine's checkpoint directory) and reloads in ``setup()`` on resume."""
+    params = inspect.signature(type(module).save_checkpoint).parameters
+    return "iteration" in params and "path" not in params
+
+
 def _batch_size(batch: dict) -> int:
     value = next(iter(batch.values()), [])
     return int(value.shape[0]) if isinstance(value, torch.Tensor) else len(value)
 
 
-def _as_samples(dataset) -> list[dict]:
+def _as_samples(dataset, dicts: bool = True) -> list:
+    """The samples of what ``build_dataset`` returned (a list or a torch Dataset); dicts unless
+    the Dataset batches them with its own ``collate_fn``."""
     samples = list(dataset) if not hasattr(dataset, "__getitem__") else [dataset[i] for i in range(len(dataset))]
-    for i, s in enumerate(samples[:1]):
-        if not isinstance(s, dict):
-            raise TypeError(f"build_dataset must produce dict samples; sample {i} is {type(s).__name__}")
+    if dicts and samples and not isinstance(samples[0], dict):
+        raise TypeError(f"build_dataset must produce dict samples (or a Dataset with a collate_fn); sample 0 is "
+                        f"{type(samples[0]).__name__}")
     return samples
 
 

@@ -15,7 +15,7 @@ from collections import defaultdict
 from datetime import timedelta
 from typing import Any
 
-from chatlearn.models.base import BaseModule, WorkerInfo
+from chatlearn.models.base import BaseModule, WorkerInfo, call_hook
 
 # How long rank 0's rendezvous store waits for the other ranks of its replica.
 STORE_TIMEOUT_S = 900.0
@@ -102,20 +102,29 @@ class ModelWorker:
         self._guard("init_distributed", join)
 
     def setup(self) -> dict[str, Any]:
-        self._guard("setup", self.module.setup)
-        return {"dp_rank": self.info.dp_rank, "is_output_rank": self.module.is_output_rank()}
+        """``init()`` then ``setup()``; what the driver needs to know about this rank."""
+        self._guard("init", lambda: call_hook(self.module.init, {}))
+        self._guard("setup", lambda: call_hook(self.module.setup, {}))
+        return {"dp_rank": self.info.dp_rank, "is_output_rank": self.module.is_output_rank(),
+                "has_weights": bool(self.module.has_weights()), "padding_config": self.module.padding_config()}
 
     # -- calls -------------------------------------------------------------------
     def call(self, method: str, *args, **kwargs) -> Any:
-        """Run ``module.method(*args, **kwargs)``."""
+        """Run ``module.method(*args, **kwargs)`` (a flow's own arguments, passed as they are)."""
         return self._guard(method, lambda: getattr(self.module, method)(*args, **kwargs))
+
+    def hook(self, method: str, names: tuple[str, ...], *values: Any) -> Any:
+        """Run ``module.method`` with the engine's arguments ``names`` (the first ``len(names)``
+        of ``values``) that it accepts, and the rest of ``values`` as the flow's own (``call_hook``)."""
+        offered = dict(zip(names, values[:len(names)]))
+        return self._guard(method, lambda: call_hook(getattr(self.module, method), offered, *values[len(names):]))
 
     def forward(self, method: str, iteration: int, *inputs: dict) -> dict:
         """A flow stage: merge the upstream batches, run, and return the input
         batch updated with the keys the method returned."""
         def run():
             data = merge_inputs(inputs)
-            out = getattr(self.module, method)(data, iteration)
+            out = call_hook(getattr(self.module, method), {"data": data, "iteration": iteration})
             if out is None:
                 return data
             if not isinstance(out, dict):
@@ -127,6 +136,12 @@ class ModelWorker:
     def pop_timings(self) -> dict[str, float]:
         timings, self._timings = dict(self._timings), defaultdict(float)
         return timings
+
+    def pop_episode_stats(self) -> dict[str, Any]:
+        """Seconds per method since the last call, and the module's own metrics
+        (``get_and_clear_metrics``: ChatLearn 1.x's ``_metric_list``)."""
+        prefix, metrics = self._guard("get_and_clear_metrics", self.module.get_and_clear_metrics)
+        return {"timings": self.pop_timings(), "prefix": prefix, "metrics": metrics}
 
     def events(self) -> list[str]:
         """Method names this worker ran, in order (for tests and debugging)."""

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chatlearn  # noqa: E402
 from chatlearn import GRPOEngine  # noqa: E402
 from chatlearn.data.prompts import read_jsonl  # noqa: E402
+from chatlearn.models.chatlearn1x_args import apply_driver_keys  # noqa: E402
 from models import GRPOTrainer, PolicyInference, PolicyReference, RewardInference  # noqa: E402
 from train_rlhf import build_evaluator  # noqa: E402
 
@@ -26,6 +27,7 @@ def main(engine_cls=GRPOEngine, trainer_cls=GRPOTrainer) -> list[dict]:
     """Also the online-DPO recipe (train_online_dpo.py): the same four roles, another engine and trainer."""
     chatlearn.init()
     args = chatlearn.get_args()
+    apply_driver_keys(args, sampler="policy")  # ChatLearn 1.x example keys (num_inference_per_prompt, ...)
     policy = PolicyInference("policy")
     reference = PolicyReference("reference")
     reward = RewardInference("reward")

@@ -12,6 +12,11 @@ checkpoints every ``save_episode_interval`` episodes and resume.
 
 Data: ``runtime.data_path`` (and ``eval_data_path``) are JSON lines with a
 ``prompt``; other keys (an ``answer``, say) reach the reward function.
+
+ChatLearn 1.x configs run as they are (``-c examples/megatron/configs/llama2/vllm_rlhf.yaml``
+of 1.x, with its run script's environment and ``load`` paths pointing at Hugging Face
+checkpoints): the model files' Megatron-LM, vLLM and example keys are used, checked
+against the checkpoints or warned about (docs/migration_config.md, "Model files").
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chatlearn  # noqa: E402
 from chatlearn import Evaluator, RLHFEngine  # noqa: E402
 from chatlearn.data.prompts import read_jsonl  # noqa: E402
+from chatlearn.models.chatlearn1x_args import apply_driver_keys  # noqa: E402
 from models import (PolicyInference, PolicyReference, PolicyTrainer, RewardInference, ValueInference,  # noqa: E402
                     ValueTrainer)
 
@@ -52,6 +58,7 @@ def build_evaluator(policy: PolicyInference, reward: RewardInference, path: str 
 def main() -> list[dict]:
     chatlearn.init()
     args = chatlearn.get_args()
+    apply_driver_keys(args, sampler="policy")  # ChatLearn 1.x example keys (cliprange_value, ...)
     policy = PolicyInference("policy")
     reference = PolicyReference("reference")
     reward = RewardInference("reward")

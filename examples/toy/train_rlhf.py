@@ -33,9 +33,11 @@ def main() -> None:
     ppo_policy_model = PolicyTrainer("ppo_policy")
     ppo_value_model = ValueTrainer("ppo_value")
 
-    # The toy trainers regress on the prompt vector: no PPO advantages to compute.
+    # The toy trainers regress on the prompt vector and declare no needs_rollout_keys, so
+    # RLHFEngine's driver-side PPO step stays off (compute_advantages="auto"), as for any
+    # ChatLearn 1.x model set that computes its own targets.
     engine = RLHFEngine(policy_model, reference_model, reward_model, value_model,
-                        ppo_policy_model, ppo_value_model, compute_advantages=False)
+                        ppo_policy_model, ppo_value_model)
     engine.set_dataset(make_prompts(256))
     with PeakRSSMonitor() as memory:
         history = engine.learn()

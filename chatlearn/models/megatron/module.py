@@ -71,18 +71,58 @@ class MegatronSettings:
     lr_warmup_steps: int = 0
     lr_decay_steps: int = 0           # 0: the schedule ends with the warm-up
     min_lr: float = 0.0
+    # Training-time dropout (Megatron-LM's names; off in forward_step, which runs in eval mode).
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # "auto": bfloat16 on GPU, float32 on CPU; "bfloat16", "float16", "float32" (CPU: always float32).
+    params_dtype: str = "auto"
+    # Activation recompute in training (megatron's TransformerConfig names): None, "selective", "full".
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
 
     @classmethod
-    def from_args(cls, module_args: Any, model_args: dict) -> "MegatronSettings":
+    def from_args(cls, module_args: Any, model_args: dict, name: str = "",
+                  log_warnings: bool = False) -> "MegatronSettings":
         """From a ``models:`` entry (parallel sizes, trainable) and its free-form args.
 
-        Keys of ``model_args`` that are not fields here are ignored: one
-        model config file may carry other backends' settings too.
+        ChatLearn 1.x / Megatron-LM keys are read through ``chatlearn.models.chatlearn1x_args``:
+        mapped to these fields (``lr_warmup_iters`` -> ``lr_warmup_steps``), checked against the
+        Hugging Face checkpoint in ``load`` (``num_layers``, ...: a disagreement is a ValueError
+        naming the file, the key and both values), or accepted with a warning (logged when
+        ``log_warnings``). Other keys that are not fields here are ignored: one model config file
+        may carry other backends' settings too.
         """
+        from chatlearn.models import chatlearn1x_args as cl1x
+
         names = {f.name for f in dataclasses.fields(cls)} - {"tp", "pp", "trainable"}
-        known = {k: v for k, v in model_args.items() if k in names}
+        known = {k: v for k, v in model_args.items() if k in names and v is not None}
         if not known.get("load"):
             raise ValueError("megatron model args need 'load' (a Hugging Face checkpoint dir)")
+        trainable = bool(module_args.trainable)
+        review = cl1x.review_backend_args(model_args, cl1x.MEGATRON, trainable=trainable,
+                                          sources=cl1x.sources_for(module_args), model=name)
+        review.raise_errors()
+        mapped = dict(review.settings)
+        # Megatron-LM's schedule rules: decay over train_iters unless lr_decay_iters is given;
+        # lr_warmup_fraction of the decay steps unless lr_warmup_iters is given.
+        train_iters, fraction = mapped.pop("train_iters", None), mapped.pop("lr_warmup_fraction", None)
+        if train_iters and "lr_decay_steps" not in known:
+            mapped.setdefault("lr_decay_steps", train_iters)
+        if fraction and "lr_warmup_steps" not in known and "lr_warmup_steps" not in mapped:
+            mapped["lr_warmup_steps"] = int(fraction * known.get("lr_decay_steps", mapped.get("lr_decay_steps", 0)))
+        for key, value in mapped.items():
+            known.setdefault(key, value)
+        if not platform.has_gpu():
+            # Settings that only exist on GPU (megatron's recompute needs CUDA in its backward pass).
+            for key, why in (("params_dtype", "megatron computes in float32 there"),
+                             ("recompute_granularity", "activation recompute (memory for compute, same results) "
+                                                       "runs on GPU only")):
+                if known.get(key) not in (None, "auto", "float32"):
+                    review.warnings.append(cl1x.cpu_only_warning(model_args, key, known[key], why,
+                                                                 cl1x.sources_for(module_args), name))
+        if log_warnings:
+            review.log_warnings(f"model {name!r}" if name else "megatron model")
         lora = getattr(module_args, "lora", None)
         if lora is not None and lora.enable_lora:
             if lora.lora_dropout:
@@ -100,7 +140,21 @@ class MegatronSettings:
             known.update(lora_rank=lora.lora_dim, lora_scaling=lora.lora_scaling, lora_targets=tuple(targets))
         known.setdefault("adaptive_checkpoint", _runtime_adaptive_checkpoint())
         return cls(**known, tp=module_args.tensor_model_parallel_size,
-                   pp=module_args.pipeline_model_parallel_size, trainable=module_args.trainable)
+                   pp=module_args.pipeline_model_parallel_size, trainable=trainable)
+
+    def transformer_overrides(self) -> dict[str, Any]:
+        """``transformer_config_from_hf`` keyword arguments from these settings."""
+        overrides: dict[str, Any] = {"hidden_dropout": float(self.hidden_dropout),
+                                     "attention_dropout": float(self.attention_dropout)}
+        if self.params_dtype not in ("auto", None) and platform.has_gpu():
+            overrides["params_dtype"] = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                                         "float32": torch.float32}[self.params_dtype]
+        if self.recompute_granularity and platform.has_gpu():
+            overrides["recompute_granularity"] = self.recompute_granularity
+            if self.recompute_granularity == "full":
+                overrides["recompute_method"] = self.recompute_method or "uniform"
+                overrides["recompute_num_layers"] = int(self.recompute_num_layers or 1)
+        return overrides
 
 
 class MegatronModule(BaseModule):
@@ -118,7 +172,10 @@ class MegatronModule(BaseModule):
     # -- setup --------------------------------------------------------------------
     def setup(self) -> None:
         if self.settings is None:
-            self.settings = MegatronSettings.from_args(self.module_args, self.model_args)
+            # Warnings about the model's 1.x keys: once per model, not once per rank.
+            first = self.worker is None or (self.worker.replica_id == 0 and self.worker.rank == 0)
+            self.settings = MegatronSettings.from_args(self.module_args, self.model_args, name=self.name,
+                                                       log_warnings=first)
         s = self.settings
         if self.worker is not None and (self.worker.tp_size, self.worker.pp_size) != (s.tp, s.pp):
             raise ValueError(f"model {self.name!r}: engine placed tp={self.worker.tp_size} "
@@ -126,7 +183,7 @@ class MegatronModule(BaseModule):
         # Read and validate the config before touching distributed state, so a
         # bad path or layout fails fast with a clear message on every rank.
         self.hf_config = load_hf_config(s.load)
-        self.config = transformer_config_from_hf(self.hf_config, s.tp, s.pp)
+        self.config = transformer_config_from_hf(self.hf_config, s.tp, s.pp, **s.transformer_overrides())
         initialize_parallel_state(s.tp, s.pp, seed=s.seed)
         model = build_gpt_model(self.hf_config, self.config)
         load_hf_weights(model, self.hf_config, s.load)

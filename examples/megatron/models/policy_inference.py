@@ -10,5 +10,19 @@ class PolicyInference(VLLMModule):
     YAML (``n``, ``temperature``, ``top_p``, ``max_new_tokens``, ...; docs/vllm.md).
 
     A prompt sample is ``{"prompt": text, ...}``; its other keys (an ``answer``, say)
-    travel with each response to the reward.
+    travel with each response to the reward. ``prompt_key`` (ChatLearn 1.x's example
+    key) names another field of the data records that holds the prompt text.
     """
+
+    def build_dataset(self, prompts: list, is_eval: bool = False):
+        samples = super().build_dataset(prompts, is_eval)
+        key = self.model_args.get("prompt_key")
+        if not key or key == "prompt":
+            return samples
+        out = []
+        for i, sample in enumerate(samples):
+            if key not in sample:
+                raise KeyError(f"model {self.name!r}: prompt_key is {key!r}, but prompt record {i} has no such "
+                               f"field (it has {sorted(sample)})")
+            out.append({**sample, "prompt": sample[key]})
+        return out

@@ -129,6 +129,7 @@ class PolicyTrainer(_PolicyTrainer):
     minus an entropy bonus. Settings: ``PPOConfig`` keys in the model's YAML."""
 
     config_class = PPOConfig
+    needs_rollout_keys = ("advantages",)  # from the PPO preset's driver step
 
     def train_step(self, data_list: list[dict], iteration: int) -> Optional[dict]:
         if self.cfg.whiten_advantages:
@@ -149,6 +150,7 @@ class GRPOTrainer(_PolicyTrainer):
     """GRPO: clipped surrogate on group-normalised advantages + ``kl_coef`` x KL to the reference."""
 
     config_class = GRPOConfig
+    needs_rollout_keys = ("advantages",)  # from the GRPO preset's driver step
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         surrogate, metrics, logp, agg = self._surrogate(logits, micro_batch, self.cfg.clip_eps)
@@ -164,6 +166,8 @@ class DPOTrainer(_PolicyTrainer):
     The pair's two sequences run through the model as one batch of 2b rows, chosen first."""
 
     config_class = DPOConfig
+    # The (chosen, rejected) pairs the online-DPO preset's driver step makes.
+    needs_rollout_keys = tuple(f"{side}_{key}" for side in ("chosen", "rejected") for key in PAIRED_KEYS)
 
     def setup(self) -> None:
         super().setup()
@@ -181,7 +185,8 @@ class DPOTrainer(_PolicyTrainer):
         policy = sequence_logprob(logp, mask)
         ref = sequence_logprob(micro_batch["ref_logprobs"].to(logits.device), mask)
         pairs = policy.shape[0] // 2
-        loss, metrics = dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], self.cfg.beta, agg)
+        loss, metrics = dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], self.cfg.beta, agg,
+                                 nll_coef=self.cfg.nll_coef, chosen_tokens=mask[:pairs].sum(-1))
         metrics.update({"loss/policy": loss.detach(),
                         "entropy": agg.token_mean(self._entropy(logits, micro_batch).detach())})
         return loss, metrics
