@@ -10,8 +10,8 @@ import torch
 
 import chatlearn
 from chatlearn import BaseModule, Engine, Environment, Evaluator, RLHFEngine, TorchModule, Trainer
-from chatlearn.config.schema import RuntimeConfig
-from chatlearn.models.base import RESUME_ENV, HookSignatureError, WorkerInfo, call_hook
+from chatlearn.models.base import HookSignatureError, WorkerInfo, call_hook
+from chatlearn.models.compat1x import RESUME_ENV
 from chatlearn.runtime.engine import FlowError
 from chatlearn.runtime.rl_engines import CheckedStep, RolloutKeysError
 from chatlearn.utils.toy_models import ToyPolicy, ToyReference, ToyReward, ToyTrainer, ToyValue, make_prompts

@@ -80,9 +80,12 @@ def _train_worker(rank: int, world: int, model_dir: str, expected_logprobs: torc
     module.load_parameters_from_sync(original)
     synced = module.named_parameters_for_sync()
     assert all(torch.equal(synced[k], original[k]) for k in original) and sorted(synced) == sorted(original)
-    checksums = module.parameter_checksums()
+    checksums = module.parameter_checksums()  # collective; only output ranks compute the records
     key = "model.layers.1.mlp.down_proj.weight"
-    assert checksums[key][0] == float(original[key].double().sum())
+    if module.is_output_rank():
+        assert checksums[key][0] == pytest.approx(float(original[key].double().sum()), rel=1e-12)
+    else:
+        assert checksums == {}
 
 
 def _hf_weight(model_dir: str, key: str) -> torch.Tensor:

@@ -39,7 +39,7 @@ import math
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from chatlearn.utils.logging import get_logger
 

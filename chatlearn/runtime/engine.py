@@ -34,7 +34,8 @@ from chatlearn.data.prompts import (PromptDataset, filter_min_prompt_length, lim
                                     with_prompt_field)
 from chatlearn.data.relay import RelayBuffers
 from chatlearn.data.stream_dataset import StreamDataset
-from chatlearn.models.base import RESUME_ENV, STORE_ENV, BaseModule
+from chatlearn.models.base import BaseModule
+from chatlearn.models.compat1x import RESUME_ENV, STORE_ENV
 from chatlearn.runtime.calls import CallTracker
 from chatlearn.runtime.dist_model import DistModel, RemoteBatch
 from chatlearn.runtime.flow import BaseFlow, Environment, Evaluator, FlowError, Trainer, _check_datasets

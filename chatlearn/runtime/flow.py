@@ -212,7 +212,7 @@ class Evaluator(BaseFlow):
         return results
 
     def get_and_clear_metrics(self) -> tuple[str, dict[str, float]]:
-        from chatlearn.models.base import _as_float
+        from chatlearn.models.compat1x import _as_float
         from chatlearn.utils.metrics import mean_metrics
 
         records = [{k: _as_float(v) for k, v in r.items()} for r in self._metric_list]
