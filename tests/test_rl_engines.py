@@ -111,3 +111,21 @@ def test_grpo_needs_dynamic_loader(monkeypatch, tiny):
     with pytest.raises(ValueError, match="runtime.stream_data_loader_type: GRPOEngine needs 'dynamic'"):
         chatlearn.GRPOEngine(PolicyInference("policy"), PolicyReference("reference"), RewardInference("reward"),
                              GRPOTrainer("ppo_policy"))
+
+
+@pytest.mark.parametrize("algo", ["online_dpo", "grpo"])
+def test_an_episode_with_nothing_to_train_on_is_skipped_and_the_run_goes_on(ray_session, monkeypatch, tiny, algo):
+    """Every response scores alike: no online-DPO pair has a winner, every GRPO advantage is zero.
+    Training is skipped (counted), and the run completes its episodes."""
+    import importlib
+
+    main = importlib.import_module({"online_dpo": "train_online_dpo", "grpo": "train_grpo"}[algo]).main
+    history, _ = _run(monkeypatch, tiny, algo, main, sample_per_episode=8, generation_batch_size=8, policy_n=4,
+                      reward_fn="tests.rewards:constant", reward_model_weight=0.0, exp_name=f"{algo}_skip")
+    assert len(history) == 2
+    for metrics in history:
+        assert metrics["train/steps"] == 0
+        if algo == "online_dpo":
+            assert metrics["samples/train"] == 0 and metrics["pairs/kept_fraction"] == 0.0
+        else:
+            assert metrics["train/skipped_batches"] >= 1 and metrics["groups/solved_none_or_all"] == 1.0
