@@ -18,6 +18,7 @@ from chatlearn.config.errors import ConfigError
 from chatlearn.config.loader import load_config, type_env_value
 from chatlearn.config.placement import plan_placement
 from chatlearn.config.schema import LoraConfig, ModelConfig, RuntimeConfig, RuntimeEnvConfig
+from test_config_loader import write  # tests/ is on sys.path under pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data", "configs", "chatlearn1x")
@@ -239,14 +240,6 @@ def test_missing_run_script_variable_names_the_variable(monkeypatch):
 
 
 # --------------------------------------------------------------------- one rule each
-def write(directory, name: str, text: str) -> str:
-    path = os.path.join(str(directory), name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(textwrap.dedent(text))
-    return path
-
-
 def config(tmp_path, models: str, runtime: str = "", files: dict | None = None) -> str:
     for name, text in (files or {}).items():
         write(tmp_path, name, text)

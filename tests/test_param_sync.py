@@ -109,11 +109,14 @@ def test_stale_pools_are_those_whose_owner_lock_is_free(tmp_path):
         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
         "print('locked', flush=True); time.sleep(60)"), str(held / buckets._OWNER_LOCK)], stdout=subprocess.PIPE,
         text=True)
-    young = tmp_path / "chatlearn-sync-3-being-created"  # no lock file yet: within the grace period
+    young = tmp_path / f"chatlearn-sync-{os.getppid()}-being-created"  # no lock yet; its writer lives
     young.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    legacy = tmp_path / f"chatlearn-sync-{int(dead.stdout)}-older-chatlearn"  # no lock, writer gone
+    legacy.mkdir()
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert buckets.remove_stale_pools(str(tmp_path)) == [stale.name]
+        assert sorted(buckets.remove_stale_pools(str(tmp_path))) == sorted([stale.name, legacy.name])
         assert held.exists() and young.exists() and not stale.exists()
     finally:
         holder.kill()

@@ -164,8 +164,6 @@ def shm_available_bytes(root: str = SHM_ROOT) -> int:
 # process dies, however it dies. Unlike a pid, a lock means the same in every PID namespace that
 # shares /dev/shm (containers on one host), so a live pool of another job is never taken for stale.
 _OWNER_LOCK = ".owner.lock"
-# A pool directory younger than this may still be getting its lock: left alone.
-_UNLOCKED_GRACE_S = 60.0
 
 
 def _owner_gone(directory: str) -> bool:
@@ -173,10 +171,10 @@ def _owner_gone(directory: str) -> bool:
     try:
         fd = os.open(lock, os.O_RDWR)
     except FileNotFoundError:
-        try:
-            return time.time() - os.stat(directory).st_mtime > _UNLOCKED_GRACE_S
-        except OSError:
-            return False
+        # A pool being created (its lock comes next), or one written by an older chatlearn without
+        # locks: judge by the writer's pid in the name, and only when that process is gone here.
+        match = re.match(re.escape(_POOL_PREFIX) + r"(\d+)-", os.path.basename(directory))
+        return bool(match) and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1)))
     except OSError:
         return False
     try:
@@ -185,6 +183,16 @@ def _owner_gone(directory: str) -> bool:
         return False  # its writer is alive
     finally:
         os.close(fd)  # releases the lock if we took it
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
     return True
 
 

@@ -78,14 +78,14 @@ def _setup_models(out: str, paths: dict[str, str], args: argparse.Namespace) -> 
     if not os.path.exists(os.path.join(sft, "model.safetensors")):
         _run([sys.executable, os.path.join(HERE, "train_sft.py"), "--load", str(assets.model_dir),
               "--data", paths["sft"], "--save", sft, "--epochs", str(args.sft_epochs), "--lr", "3e-3",
-              "--seed", str(args.seed)])
+              "--seed", str(args.seed), "--drop-last"])
     models = {"policy_load": sft}
     if args.algo == "ppo":
         reward = os.path.join(out, "reward_model")
         if not os.path.exists(os.path.join(reward, "model.safetensors")):
             _run([sys.executable, os.path.join(HERE, "train_reward.py"), "--load", sft, "--data", paths["pairs"],
                   "--eval-data", paths["heldout_pairs"], "--save", reward, "--epochs", str(args.reward_epochs),
-                  "--seed", str(args.seed)])
+                  "--seed", str(args.seed), "--drop-last"])
         models["reward_load"] = reward
     return models
 

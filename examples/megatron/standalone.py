@@ -8,7 +8,6 @@ engine), and returns the logged metrics.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 from typing import Any, Callable, Optional
@@ -38,33 +37,49 @@ def training_parser(description: str, data_help: str, epochs: int, lr: float) ->
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--drop-last", action="store_true",
+                   help="leave each epoch's short last global batch out (every step the same size)")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
+def epoch_batches(num_samples: int, global_batch_size: int, seed: int, drop_last: bool) -> list[list[int]]:
+    """One epoch's global batches: sample indices in a ``seed``-shuffled order, cut into
+    ``global_batch_size`` pieces; the short last piece is kept, or left out with ``drop_last``."""
+    order = list(range(num_samples))
+    random.Random(seed).shuffle(order)
+    stop = num_samples - num_samples % global_batch_size if drop_last else num_samples
+    if stop == 0:
+        raise ValueError(f"{num_samples} samples do not make one global batch of {global_batch_size} "
+                         "(drop_last): lower --global-batch")
+    return [order[start:start + global_batch_size] for start in range(0, stop, global_batch_size)]
+
+
 def fit(module, samples: list[dict], *, epochs: int, global_batch_size: int, micro_batch_size: int,
-        seed: int = 0, log: Optional[Callable[[int, dict], None]] = None, desc: str = "train") -> list[dict]:
+        seed: int = 0, log: Optional[Callable[[int, dict], None]] = None, desc: str = "train",
+        drop_last: bool = False) -> list[dict]:
     """Train ``module`` (a set-up, trainable MegatronModule) on ``samples`` (dicts of 1-D tensors).
 
-    Each epoch visits every sample once in a seeded order, in global batches of
-    ``global_batch_size`` (the last one shorter when it does not divide), split over
-    the data-parallel ranks by ``split_global_batch`` like the engine's trainers.
+    Each epoch visits the samples in a new seeded order, in global batches of
+    ``global_batch_size``, split over the data-parallel ranks by ``split_global_batch``
+    like the engine's trainers. The epoch's last global batch is shorter when the size
+    does not divide, or, with ``drop_last`` (torch ``DataLoader``'s meaning: every step
+    the same size), left out of that epoch; the next epoch's shuffle brings its samples back.
     """
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    steps_per_epoch = math.ceil(len(samples) / global_batch_size)
+    epochs_of_batches = [epoch_batches(len(samples), global_batch_size, seed + epoch, drop_last)
+                         for epoch in range(epochs)]
     history = []
     show = ps.is_pipeline_last_stage() and dp_rank == 0 and ps.get_tensor_model_parallel_rank() == 0
-    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not (show and sys.stderr.isatty()))
+    bar = tqdm(total=sum(map(len, epochs_of_batches)), desc=desc, disable=not (show and sys.stderr.isatty()))
     step = 0
-    for epoch in range(epochs):
-        order = list(range(len(samples)))
-        random.Random(seed + epoch).shuffle(order)
-        for start in range(0, len(samples), global_batch_size):
-            batch = [samples[i] for i in order[start:start + global_batch_size]]
+    for batches in epochs_of_batches:
+        for indices in batches:
+            batch = [samples[i] for i in indices]
             metrics = module.train_step(split_global_batch(batch, dp, micro_batch_size)[dp_rank], step)
             step += 1
             bar.update(1)

@@ -44,7 +44,7 @@ def _train(rank: int, world: int, args: argparse.Namespace) -> None:
     module.settings = MegatronSettings(load=args.load, tp=args.tp, pp=args.pp, trainable=True, lr=args.lr,
                                        pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed)
     module.setup()
-    history = fit(module, samples, epochs=args.epochs, global_batch_size=args.global_batch,
+    history = fit(module, samples, epochs=args.epochs, global_batch_size=args.global_batch, drop_last=args.drop_last,
                   micro_batch_size=args.micro_batch, seed=args.seed, desc="sft")
     module.save_hf_checkpoint(args.save)
     if history:
