@@ -121,7 +121,11 @@ class RuntimeConfig:
     enable_resume_training: bool = True
     adaptive_parallel_strategy_on_checkpoint: bool = False
     validate_param_sync: bool = False
+    # DEBUG logging everywhere, every metric on the console, dependencies' messages unfiltered.
     debug: bool = False
+    # Output not on a terminal: while an episode runs longer than this, a line this often says
+    # which phase it is in (0: none). On a terminal, a progress bar.
+    progress_interval_s: float = 60.0
     seed: int = 1234
     # Parameter sync transport bucket size.
     coalesced_buffer_mb: int = 100

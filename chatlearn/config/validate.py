@@ -112,6 +112,7 @@ _RULES: dict[type, dict[str, list[Rule]]] = {
     },
     RuntimeConfig: {
         "num_episode": [_at_least(0)],
+        "progress_interval_s": [_at_least(0)],
         "sample_per_episode": [_at_least(1)],
         "num_training_epoch": [_at_least(1)],
         "generation_batch_size": [_at_least(1)],

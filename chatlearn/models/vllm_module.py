@@ -28,6 +28,7 @@ slots and vLLM starts its own workers on them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -38,6 +39,7 @@ import torch
 from chatlearn.models.base import BaseModule
 from chatlearn.synchronizer import buckets, vllm_sync
 from chatlearn.synchronizer.vllm_worker_ext import WORKER_EXTENSION
+from chatlearn.utils import dependency_logs
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
@@ -462,7 +464,8 @@ class VLLMModule(BaseModule):
                 logger.info("model %s: free_memory has no effect on a CPU vLLM engine (no sleep mode)", self.name)
         # Weight loading and read-back run as methods of every vLLM worker,
         # in-process or in vLLM's worker processes alike.
-        self.llm = LLM(**kwargs, worker_extension_cls=WORKER_EXTENSION)
+        with dependency_logs.drop_cpp_start_messages() if not on_gpu else contextlib.nullcontext():
+            self.llm = LLM(**kwargs, worker_extension_cls=WORKER_EXTENSION)
         self.timings.update(import_s=imported - start, engine_start_s=time.perf_counter() - imported)
         self.tokenizer = self.llm.get_tokenizer()
         self._special_ids = self._special_token_ids()

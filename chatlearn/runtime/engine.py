@@ -37,6 +37,7 @@ from chatlearn.data.stream_dataset import StreamDataset
 from chatlearn.models.base import BaseModule
 from chatlearn.models.compat1x import RESUME_ENV, STORE_ENV
 from chatlearn.runtime.calls import CallTracker
+from chatlearn.runtime.console import Progress, episode_summary
 from chatlearn.runtime.dist_model import DistModel, RemoteBatch
 from chatlearn.runtime.flow import BaseFlow, Environment, Evaluator, FlowError, Trainer, _check_datasets
 from chatlearn.synchronizer.base import ParameterSynchronizer, StateDictSynchronizer
@@ -44,6 +45,7 @@ from chatlearn.data.rollout_dump import rollout_record
 from chatlearn.utils.atomic import (atomic_checkpoint, atomic_torch_save, atomic_write_bytes, checkpoint_path,
                                     is_complete, latest_intact_checkpoint, remove_abandoned,
                                     set_aside_checkpoints_after, verify_checkpoint)
+from chatlearn.utils.dependency_logs import quiet_dependencies
 from chatlearn.utils.logging import get_logger
 from chatlearn.utils.metrics import MetricsWriter, mean_metrics
 
@@ -125,6 +127,7 @@ class Engine:
         self._started_ray = False
         self._metrics: Optional[MetricsWriter] = None
         self.history: list[dict[str, float]] = []
+        self._progress: Optional[Progress] = None
         self.initial_eval: dict[str, float] = {}  # evaluation before the first episode
         self.start_episode = 0
         self._resume_from: Optional[tuple[int, str]] = None  # (episode, checkpoint dir)
@@ -285,6 +288,7 @@ class Engine:
         # needs both sides of each pair loaded.
         if self.runtime.debug:
             logging.getLogger("chatlearn").setLevel("DEBUG")
+        quiet_dependencies(verbose=self.runtime.debug)
         self._check_relay()
         self._check_resume_settings()
         self._locate_checkpoint()  # before the workers start: their setup() sees resume_training
@@ -379,8 +383,8 @@ class Engine:
             d.setup(STARTUP_TIMEOUT_S)
             d.bind()
         self.running = True
-        logger.info("placed %s", ", ".join(f"{n}: {d.num_replicas} replica(s) x {d.ranks_per_replica} rank(s)"
-                                          for n, d in self.dist.items()))
+        logger.info("models set up (replicas x ranks): %s",
+                    ", ".join(f"{n} {d.num_replicas}x{d.ranks_per_replica}" for n, d in self.dist.items()))
         self._check_weightless_sync_pairs()
         for d in self.dist.values():
             self.pad_values.update({k: v["padding_value"] for k, v in d.padding_config.items()})
@@ -449,8 +453,6 @@ class Engine:
 
     # -- the episode loop --------------------------------------------------------
     def _run_episodes(self) -> None:
-        from tqdm import tqdm
-
         episodes = range(self.start_episode, self.runtime.num_episode)
         if not episodes:
             logger.info("all %d episodes are already done (checkpoints in %s): nothing to run; raise "
@@ -460,21 +462,30 @@ class Engine:
             # A baseline, so the first logged evaluation after training has something to beat.
             self.initial_eval = self.evaluate(-1)
             self._metrics.write(-1, self.initial_eval)
-            logger.info("before training: %s", ", ".join(f"{k}={v:.4g}" for k, v in self.initial_eval.items()))
-        bar = tqdm(episodes, desc="episodes", unit="ep", disable=not sys.stderr.isatty())
-        for episode in bar:
-            metrics = self._run_episode(episode)
-            self.history.append(metrics)
-            self._metrics.write(episode, metrics)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
-            logger.info("episode %d/%d: %s", episode + 1, self.runtime.num_episode,
-                        ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("time/")))
-            if self.runtime.save_episode_interval and (episode + 1) % self.runtime.save_episode_interval == 0:
-                self.save_checkpoint(episode)
+            logger.info("before training: %s", episode_summary(self.initial_eval))
+        self._progress = Progress(self.start_episode, self.runtime.num_episode, logger,
+                                  interval_s=self.runtime.progress_interval_s, verbose=self.runtime.debug)
+        try:
+            for episode in episodes:
+                metrics = self._run_episode(episode)
+                self.history.append(metrics)
+                self._metrics.write(episode, metrics)
+                self._progress.episode_done(episode, metrics)
+                if self.runtime.save_episode_interval and (episode + 1) % self.runtime.save_episode_interval == 0:
+                    self._progress.phase("checkpoint", episode)
+                    self.save_checkpoint(episode)
+        finally:
+            self._progress.close()
 
     def _run_episode(self, episode: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        timer = functools.partial(_timed, metrics)
+        progress = self._progress
+
+        def on_phase(key: str) -> None:  # "time/train" -> the heartbeat says "train"
+            if progress is not None:
+                progress.phase(key[len("time/"):], episode)
+
+        timer = functools.partial(_timed, metrics, on_start=on_phase)
         for d in self.dist.values():
             d.reset_round_robin()
         self._hook_all("before_episode", episode=episode)
@@ -901,7 +912,8 @@ def _as_samples(dataset, dicts: bool = True) -> list:
 
 
 @contextlib.contextmanager
-def _timed(sink: dict[str, float], key: str):
+def _timed(sink: dict[str, float], key: str, on_start: Callable[[str], None] = lambda key: None):
+    on_start(key)
     start = time.perf_counter()
     try:
         yield

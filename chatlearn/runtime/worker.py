@@ -49,6 +49,9 @@ class ModelWorker:
     def __init__(self, module_cls: type, name: str, config, info: WorkerInfo, env_vars: dict[str, str]):
         os.environ.update(env_vars)
         from chatlearn.config.globals import set_args
+        from chatlearn.utils.dependency_logs import quiet_dependencies
+
+        quiet_dependencies()  # before the module imports megatron-core or vLLM
 
         set_args(config)
         self.info = info

@@ -1,6 +1,6 @@
 """The embedded default: a real RLHF run on 2 CPU cores that visibly improves a model.
 
-    python examples/megatron/main_tiny.py                 # PPO (RLHFEngine), about 10 minutes
+    python examples/megatron/main_tiny.py                 # PPO (RLHFEngine), about 5 minutes on 2 cores
     python examples/megatron/main_tiny.py --algo grpo     # GRPO on the rule reward
     python examples/megatron/main_tiny.py --algo online_dpo
 
@@ -119,9 +119,11 @@ def greedy_accuracy(model_dir: str, examples: list[dict]) -> float:
     """Exact answers under greedy decoding with transformers (a check independent of the engine)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from arithmetic import arithmetic_reward
 
+    hf_logging.disable_progress_bar()  # a bar per tiny checkpoint load would cut into the report
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     correct = 0.0
@@ -191,6 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a short warm start: the policy should know the format, not every answer")
     parser.add_argument("--reward-epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true",
+                        help="every metric on each episode's line and the dependencies' messages unfiltered "
+                             "(runtime.debug)")
     args = parser.parse_args(argv)
 
     out = os.path.abspath(args.output_dir)
@@ -204,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
                "exp_name": args.algo}
         if args.episodes is not None:
             env["num_episode"] = str(args.episodes)
+        if args.verbose:
+            env["debug"] = "True"
         _run([sys.executable, os.path.join(HERE, script), "-c", config], env=env)
     return _report(os.path.join(out, args.algo), args.algo, time.time() - start, memory.peak_gib, config,
                    knobs["policy_load"], read_jsonl(paths["heldout"]))

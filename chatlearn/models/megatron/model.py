@@ -173,6 +173,8 @@ def transformer_config_from_hf(
         bias_activation_fusion=gpu,
         bias_dropout_fusion=gpu,
         masked_softmax_fusion=False,
+        # megatron-core's default ("full") is a deprecated spelling of [] that warns in every worker.
+        cuda_graph_scope=[],
         # (variable_seq_lengths stays off: the module pads all micro-batches
         # of one call to a common length, so the pipeline's p2p shapes are fixed.)
     )
