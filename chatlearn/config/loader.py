@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import dataclasses
 import os
 import re
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -35,7 +34,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from chatlearn.config.errors import (OVERRIDES_SOURCE, ConfigError, ConfigIssue, IssueCollector, display_path,
                                      format_key)
-from chatlearn.config.schema import ChatLearnConfig
+from chatlearn.config.schema import ChatLearnConfig, config_to_dict
+from chatlearn.config.validate import build_config
 
 __all__ = ["load_config", "config_to_dict", "substitute_env", "type_env_value", "INCLUDES_KEY"]
 
@@ -615,7 +615,6 @@ def load_config(path: Union[str, os.PathLike], overrides: Overrides = None) -> C
 
     Raises ``ConfigError`` listing every problem found.
     """
-    from chatlearn.config.validate import build_config
 
     main_file = os.path.abspath(os.fspath(path))
     if not os.path.isfile(main_file):
@@ -659,24 +658,4 @@ def _log_warnings(warnings: Sequence[str]) -> None:
         logger = get_logger("chatlearn.config")
         for warning in warnings:
             logger.warning("config: %s", warning)
-
-
-def config_to_dict(cfg: ChatLearnConfig, internal: bool = False) -> dict:
-    """``cfg`` as plain dicts/lists, in YAML key order (for printing or saving).
-
-    ``internal=True`` keeps the fields the loader fills in (``config_path``,
-    each model's ``name``), which are not config keys.
-    """
-
-    def convert(obj: Any) -> Any:
-        if dataclasses.is_dataclass(obj):
-            return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if internal or not f.metadata.get("internal")}
-        if isinstance(obj, dict):
-            return {k: convert(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [convert(v) for v in obj]
-        return obj
-
-    return convert(cfg)
 

@@ -19,6 +19,7 @@ when present.
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
@@ -250,3 +251,23 @@ class VLLMArgs:
     # run samples exactly what the uninterrupted one did (cost measured on an H200: none visible,
     # benchmarks/RESULTS.md).
     request_seeds: bool = True
+
+
+def config_to_dict(cfg: ChatLearnConfig, internal: bool = False) -> dict:
+    """``cfg`` as plain dicts/lists, in YAML key order (for printing or saving).
+
+    ``internal=True`` keeps the fields the loader fills in (``config_path``,
+    each model's ``name``), which are not config keys.
+    """
+
+    def convert(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if internal or not f.metadata.get("internal")}
+        if isinstance(obj, dict):
+            return {k: convert(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [convert(v) for v in obj]
+        return obj
+
+    return convert(cfg)

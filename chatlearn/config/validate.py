@@ -39,6 +39,7 @@ from chatlearn.config.schema import (
     RuntimeEnvConfig,
     WEIGHT_LOADERS,
     VLLMArgs,
+    config_to_dict,
 )
 
 __all__ = ["build_config", "check_consistency", "validate_config", "describe_type", "config_keys",
@@ -587,8 +588,6 @@ def validate_config(cfg: ChatLearnConfig) -> ChatLearnConfig:
     Returns a checked copy (relative data paths made absolute, model names
     set); raises ``ConfigError`` listing every problem.
     """
-    from chatlearn.config.loader import config_to_dict
-
     issues = IssueCollector(cfg.config_path)
     checked = build_config(config_to_dict(cfg), issues)
     issues.raise_if_any()
