@@ -65,14 +65,16 @@ def install(episode: int, point: str) -> None:
                 _die()
 
     Engine._run_flow = first_batch_then_die
-    save = engine_module.atomic_torch_save
+    from chatlearn.runtime import checkpoint as checkpoint_module
+
+    save = checkpoint_module.atomic_torch_save
 
     def half_then_die(obj, path):
         save(obj, path)
         if point == "checkpoint" and current["episode"] == episode and str(path).endswith("data_state.pt"):
             _die()
 
-    engine_module.atomic_torch_save = half_then_die
+    checkpoint_module.atomic_torch_save = half_then_die
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ import inspect
 import json
 import logging
 import os
-import sys
 import time
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
@@ -36,27 +35,23 @@ from chatlearn.data.relay import RelayBuffers
 from chatlearn.data.stream_dataset import StreamDataset
 from chatlearn.models.base import BaseModule
 from chatlearn.models.compat1x import RESUME_ENV, STORE_ENV
+from chatlearn.runtime import checkpoint
 from chatlearn.runtime.calls import CallTracker
 from chatlearn.runtime.console import Progress, episode_summary
 from chatlearn.runtime.dist_model import DistModel, RemoteBatch
 from chatlearn.runtime.flow import BaseFlow, Environment, Evaluator, FlowError, Trainer, _check_datasets
+from chatlearn.runtime.startup import Cluster, create_models, start_cluster, stop_cluster, worker_env
 from chatlearn.synchronizer.base import ParameterSynchronizer, StateDictSynchronizer
 from chatlearn.data.rollout_dump import rollout_record
-from chatlearn.utils.atomic import (atomic_checkpoint, atomic_torch_save, atomic_write_bytes, checkpoint_path,
-                                    is_complete, latest_intact_checkpoint, remove_abandoned,
-                                    set_aside_checkpoints_after, verify_checkpoint)
+from chatlearn.utils.atomic import atomic_write_bytes
 from chatlearn.utils.dependency_logs import quiet_dependencies
 from chatlearn.utils.logging import get_logger
-from chatlearn.utils.metrics import MetricsWriter, mean_metrics
+from chatlearn.utils.metrics import MetricsWriter, mean_metrics, merge_model_metrics
 
 logger = get_logger(__name__)
 
 # Request seeds are 63-bit (vLLM seeds a torch generator with them).
 _SEED_MASK = (1 << 63) - 1
-
-# Starting workers (process start, imports, model build) is not what
-# runtime.actor_timeout_s guards, and can take minutes for large models.
-STARTUP_TIMEOUT_S = 900.0
 
 
 __all__ = ["Engine", "EvalEngine", "FlowError", "TrainBatch", "RolloutProcessor"]
@@ -123,8 +118,7 @@ class Engine:
         self.prompts: Optional[list] = None
         self.dist: dict[str, DistModel] = {}
         self.tracker = CallTracker(self.runtime.actor_timeout_s)
-        self._placement_group = None
-        self._started_ray = False
+        self._cluster: Optional[Cluster] = None  # Ray and the placement group, once started
         self._metrics: Optional[MetricsWriter] = None
         self.history: list[dict[str, float]] = []
         self._progress: Optional[Progress] = None
@@ -292,99 +286,18 @@ class Engine:
         self._check_relay()
         self._check_resume_settings()
         self._locate_checkpoint()  # before the workers start: their setup() sees resume_training
-        self._start_ray()
-        self._create_models()
+        self._start_models()
         self._setup_data()
         self._setup_output()
         self._maybe_resume()
 
-    def _start_ray(self) -> None:
-        import ray
-        from ray.util.placement_group import placement_group
-
-        from chatlearn.config.placement import detect_device, plan_placement
-
-        self.placement = plan_placement(self.config, detect_device(self.config))
-        for warning in self.placement.warnings:
-            logger.warning(warning)
-        # One placement group holds every device slot: the run's own pool first,
-        # then (on a mixed GPU run) the CPU-process pool.
-        pools = sorted(self.placement.num_slots, key=lambda p: p != self.placement.device)
-        self._bundle_offset, bundles, offset = {}, [], 0
-        for pool in pools:
-            self._bundle_offset[pool] = offset
-            bundles += [{"GPU" if pool == "gpu" else "CPU": 1} for _ in range(self.placement.num_slots[pool])]
-            offset += self.placement.num_slots[pool]
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True)
-            job_env = self._ray_job_runtime_env()
-            if job_env:
-                kwargs["runtime_env"] = job_env
-            if self.runtime.ray_address:
-                kwargs["address"] = self.runtime.ray_address
-            else:
-                # Logical slots: a CPU run may place more ranks than the machine has cores.
-                kwargs["num_cpus"] = max(self.placement.num_slots.get("cpu", 0), os.cpu_count() or 1)
-            ray.init(**kwargs)
-            self._started_ray = True
-        self._placement_group = placement_group(bundles, strategy="PACK")
-        if not self._placement_group.wait(timeout_seconds=120):
-            raise RuntimeError(f"Ray could not reserve the {len(bundles)} device slots this config needs "
-                               f"({bundles}); the cluster has {ray.cluster_resources()}")
-
-    def _ray_job_runtime_env(self) -> dict[str, Any]:
-        """runtime_env.working_dir / excludes / pip for every worker of the job (a remote
-        cluster needs the code shipped; env_vars go per actor, see _worker_env)."""
-        env = self.config.runtime_env
-        job: dict[str, Any] = {}
-        if env.working_dir:
-            job["working_dir"] = env.working_dir
-            if env.excludes:
-                job["excludes"] = list(env.excludes)
-        if env.pip:
-            job["pip"] = list(env.pip)
-        if env.py_modules:
-            job["py_modules"] = list(env.py_modules)
-        return job
-
-    def _worker_env(self) -> dict[str, str]:
-        env = {k: str(v) for k, v in self.config.runtime_env.env_vars.items()}
-        if self.runtime.debug:
-            env.setdefault("CHATLEARN_LOG_LEVEL", "DEBUG")
-        # Workers import the user's model classes by module name: give them the
-        # driver's import path.
-        paths = [p for p in sys.path if p and os.path.isdir(p)]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *paths]))
-        env[STORE_ENV] = self._store_name
-        env[RESUME_ENV] = "1" if self._resume_from is not None else "0"
-        return env
-
-    def _create_models(self) -> None:
-        env = self._worker_env()
-        for name, model in self.models.items():
-            plan = self.placement.models[name]
-            offset = self._bundle_offset[plan.device]
-            share = self.placement.slot_share(plan.device)
-            self.dist[name] = DistModel(
-                module=model,
-                tp=plan.tp,
-                pp=plan.pp,
-                num_devices=plan.num_devices,
-                bundles=[offset + slot for slot in plan.slots],
-                share=[1.0 / share[slot] for slot in plan.slots],
-                resource="GPU" if plan.device == "gpu" else "CPU",
-                trainable=plan.trainable,
-                tracker=self.tracker,
-            )
-            self.dist[name].create_workers(self._placement_group, self.config, {**env, "CHATLEARN_MODEL": name})
-        init_refs = [ref for d in self.dist.values() for ref in d.init_distributed(STARTUP_TIMEOUT_S)]
-        self.tracker.get(init_refs, STARTUP_TIMEOUT_S)
-        for d in self.dist.values():
-            d.setup(STARTUP_TIMEOUT_S)
-            d.bind()
+    def _start_models(self) -> None:
+        self._cluster = start_cluster(self.config)
+        self.placement = self._cluster.placement
+        env = worker_env(self.config, {STORE_ENV: self._store_name,
+                                       RESUME_ENV: "1" if self._resume_from is not None else "0"})
+        create_models(self.models, self._cluster, self.config, self.tracker, env, self.dist)
         self.running = True
-        logger.info("models set up (replicas x ranks): %s",
-                    ", ".join(f"{n} {d.num_replicas}x{d.ranks_per_replica}" for n, d in self.dist.items()))
         self._check_weightless_sync_pairs()
         for d in self.dist.values():
             self.pad_values.update({k: v["padding_value"] for k, v in d.padding_config.items()})
@@ -443,8 +356,8 @@ class Engine:
         """Pick the checkpoint to resume from (before anything is logged: an interrupted
         attempt's metrics after it are cut away)."""
         self.run_dir = self.runtime.run_dir
-        self.checkpoint_root = self.runtime.data_checkpoint_path or os.path.join(self.run_dir, "checkpoints")
-        self._resume_from = self._find_checkpoint()
+        self.checkpoint_root = checkpoint.checkpoint_root(self.runtime)
+        self._resume_from = checkpoint.find_resume_checkpoint(self.runtime, self.checkpoint_root)
 
     def _setup_output(self) -> None:
         """Open the metrics (cut back to the checkpoint a resumed run starts from)."""
@@ -638,14 +551,7 @@ class Engine:
         per_model = {name: mean_metrics([r for r in self.tracker.get(d.take_train_outputs()) if isinstance(r, dict)])
                      for name, d in self.dist.items()}
         self.tracker.wait_all()  # every other outstanding call too (non-output ranks): errors must surface
-        # A metric only one trainer reports keeps its name (loss/policy, clipfrac); one that
-        # several report (grad_norm, lr) is kept per trainer: ppo_policy/grad_norm, ppo_value/grad_norm.
-        owners: dict[str, int] = {}
-        for metrics in per_model.values():
-            for key in metrics:
-                owners[key] = owners.get(key, 0) + 1
-        merged = {(key if owners[key] == 1 else f"{name}/{key}"): value
-                  for name, metrics in per_model.items() for key, value in metrics.items()}
+        merged = merge_model_metrics(per_model)
         merged["train/steps"] = float(self._steps_this_episode)
         merged["train/skipped_batches"] = float(self._skipped_this_episode)
         self._steps_this_episode = self._skipped_this_episode = 0
@@ -728,21 +634,9 @@ class Engine:
         return [(name, d) for name, d in self.dist.items() if d.trainable]
 
     def save_checkpoint(self, episode: int) -> None:
-        """Data state and every model's state, written under a temporary name and
-        renamed into place only once all of it is on disk, with a manifest of every
-        file's size and checksum; then the oldest beyond ``max_data_ckpt_nums`` go."""
-        with atomic_checkpoint(self.checkpoint_root, episode, keep_last=self.runtime.max_data_ckpt_nums) as tmp:
-            state = {
-                "episode": episode,
-                "prompts": self.prompt_data.state_dict(),
-                "relay": self.relay.state_dict(),
-                "rollout_processor": self.rollout_processor.state_dict() if self.rollout_processor else None,
-                "iterations": {n: dict(d.iterations) for n, d in self.dist.items()},
-                "weight_versions": dict(self.weight_versions),
-                "history": self.history,
-                "train_iteration": self.train_iteration,
-            }
-            atomic_torch_save(state, os.path.join(tmp, "data_state.pt"))
+        """The run's position and every trainer's state, atomically (``chatlearn.runtime.checkpoint``);
+        the oldest beyond ``max_data_ckpt_nums`` go."""
+        def save_models(directory: str) -> None:
             refs = []
             for name, d in self._checkpointed_models():
                 if _saves_itself(d.module) and name not in self._warned_1x_save:
@@ -751,10 +645,35 @@ class Engine:
                                    "the module decides, as in 1.x; the engine's checkpoint holds the run's data "
                                    "position but not these weights. On resume the module's resume_training is "
                                    "True in setup(), where it loads its own save (1.x's pattern)", name)
-                refs += d.hook("save_checkpoint", path=os.path.join(tmp, "models", name),
-                               iteration=self.train_iteration)
+                refs += d.hook("save_checkpoint", path=os.path.join(directory, name), iteration=self.train_iteration)
             self.tracker.get(refs)
-        logger.info("saved checkpoint of episode %d under %s", episode + 1, self.checkpoint_root)
+
+        checkpoint.save_checkpoint(self.checkpoint_root, episode, self.runtime.max_data_ckpt_nums,
+                                   self._data_state(episode), save_models)
+
+    def _data_state(self, episode: int) -> dict[str, Any]:
+        """Where the run is: what ``_load_data_state`` needs to continue after ``episode``."""
+        return {
+            "episode": episode,
+            "prompts": self.prompt_data.state_dict(),
+            "relay": self.relay.state_dict(),
+            "rollout_processor": self.rollout_processor.state_dict() if self.rollout_processor else None,
+            "iterations": {n: dict(d.iterations) for n, d in self.dist.items()},
+            "weight_versions": dict(self.weight_versions),
+            "history": self.history,
+            "train_iteration": self.train_iteration,
+        }
+
+    def _load_data_state(self, state: dict[str, Any]) -> None:
+        self.prompt_data.load_state_dict(state["prompts"])
+        self.relay.load_state_dict(state["relay"])
+        if self.rollout_processor is not None and state.get("rollout_processor") is not None:
+            self.rollout_processor.load_state_dict(state["rollout_processor"])
+        for name, d in self.dist.items():
+            d.iterations.update(state["iterations"].get(name, {}))
+        self.weight_versions = dict(state.get("weight_versions", {}))
+        self.history = list(state["history"])
+        self.train_iteration = int(state.get("train_iteration", 0))
 
     def _check_resume_settings(self) -> None:
         interval = self.runtime.save_episode_interval
@@ -766,43 +685,11 @@ class Engine:
                                "exactly the uninterrupted one; make save_episode_interval a multiple of "
                                "sync_frequency", src, freq, interval, dst, src)
 
-    def _find_checkpoint(self) -> Optional[tuple[int, str]]:
-        """The checkpoint to resume from: ``load_data_checkpoint_iteration``'s, else the newest
-        intact one (a damaged one is reported, naming the file, and skipped); None: start."""
-        if not self.runtime.enable_resume_training:
-            return None
-        for path in remove_abandoned(self.checkpoint_root):
-            logger.info("removed %s, a checkpoint an interrupted run did not finish", path)
-        wanted = self.runtime.load_data_checkpoint_iteration
-        if wanted is not None:
-            path = checkpoint_path(self.checkpoint_root, wanted - 1)
-            problem = verify_checkpoint(path) if is_complete(path) else f"no complete checkpoint at {path}"
-            if problem:
-                raise FileNotFoundError(f"runtime.load_data_checkpoint_iteration={wanted}: {problem}")
-            found = (wanted - 1, path)
-        else:
-            found = latest_intact_checkpoint(self.checkpoint_root, report=logger.error)
-        # Newer checkpoints (damaged, or of the history an older resume point abandons) would
-        # be taken for this run's own by the next resume: move them aside, delete nothing.
-        aside = set_aside_checkpoints_after(self.checkpoint_root, found[0] if found else -1)
-        if aside is not None:
-            logger.warning("moved the checkpoints after the one this run resumes from to %s", aside)
-        return (found[0], str(found[1])) if found else None
-
     def _maybe_resume(self) -> None:
         if self._resume_from is None:
             return
         episode, path = self._resume_from
-        state = torch.load(os.path.join(path, "data_state.pt"), map_location="cpu", weights_only=False)
-        self.prompt_data.load_state_dict(state["prompts"])
-        self.relay.load_state_dict(state["relay"])
-        if self.rollout_processor is not None and state.get("rollout_processor") is not None:
-            self.rollout_processor.load_state_dict(state["rollout_processor"])
-        for name, d in self.dist.items():
-            d.iterations.update(state["iterations"].get(name, {}))
-        self.weight_versions = dict(state.get("weight_versions", {}))
-        self.history = list(state["history"])
-        self.train_iteration = int(state.get("train_iteration", 0))
+        self._load_data_state(checkpoint.load_data_state(path))
         # A module that saves itself (1.x's save_checkpoint(iteration)) loaded its save in setup().
         self.tracker.get([ref for name, d in self._checkpointed_models() if not _saves_itself(d.module)
                           for ref in d.hook("load_checkpoint", path=os.path.join(path, "models", name))])
@@ -821,24 +708,17 @@ class Engine:
 
     def shutdown(self) -> None:
         """Kill every worker (no hung processes), close outputs, stop a Ray we started."""
-        import ray
-
         self.running = False
         for d in self.dist.values():
             d.kill()
         self.dist.clear()
         self.tracker.discard()
-        if self._placement_group is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(self._placement_group)
-            self._placement_group = None
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
-        if self._started_ray and ray.is_initialized():
-            ray.shutdown()
-            self._started_ray = False
+        if self._cluster is not None:
+            stop_cluster(self._cluster)
+            self._cluster = None
 
 
 class EvalEngine(Engine):

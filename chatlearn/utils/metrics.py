@@ -1,4 +1,5 @@
-"""Metrics to JSON lines and TensorBoard under ``<output_dir>/<exp_name>``."""
+"""Metrics of a run: written to JSON lines and TensorBoard under ``<output_dir>/<exp_name>``,
+read back, averaged over records and merged over models."""
 from __future__ import annotations
 
 import json
@@ -76,3 +77,15 @@ def mean_metrics(records: list[Optional[dict]], weights: Optional[list[float]] =
                 sums[key] = sums.get(key, 0.0) + float(value) * weight
                 counts[key] = counts.get(key, 0.0) + weight
     return {k: sums[k] / counts[k] for k in sums if counts[k]}
+
+
+def merge_model_metrics(per_model: dict[str, dict[str, float]]) -> dict[str, float]:
+    """One episode's metrics from several models: a metric only one model reports keeps its
+    name (loss/policy, clipfrac); one that several report (grad_norm, lr) is kept per model
+    (ppo_policy/grad_norm, ppo_value/grad_norm)."""
+    owners: dict[str, int] = {}
+    for metrics in per_model.values():
+        for key in metrics:
+            owners[key] = owners.get(key, 0) + 1
+    return {(key if owners[key] == 1 else f"{name}/{key}"): value
+            for name, metrics in per_model.items() for key, value in metrics.items()}
