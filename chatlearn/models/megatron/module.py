@@ -82,8 +82,8 @@ class MegatronSettings:
     recompute_num_layers: Optional[int] = None
 
     @classmethod
-    def from_args(cls, module_args: Any, model_args: dict, name: str = "",
-                  log_warnings: bool = False) -> "MegatronSettings":
+    def from_args(cls, module_args: Any, model_args: dict, name: str = "", log_warnings: bool = False,
+                  adaptive_checkpoint: bool = False) -> "MegatronSettings":
         """From a ``models:`` entry (parallel sizes, trainable) and its free-form args.
 
         ChatLearn 1.x / Megatron-LM keys are read through ``chatlearn.models.chatlearn1x_args``:
@@ -91,7 +91,8 @@ class MegatronSettings:
         Hugging Face checkpoint in ``load`` (``num_layers``, ...: a disagreement is a ValueError
         naming the file, the key and both values), or accepted with a warning (logged when
         ``log_warnings``). Other keys that are not fields here are ignored: one model config file
-        may carry other backends' settings too.
+        may carry other backends' settings too. ``adaptive_checkpoint`` is the run's
+        ``runtime.adaptive_parallel_strategy_on_checkpoint`` (a model arg of that name wins).
         """
         from chatlearn.models import chatlearn1x_args as cl1x
 
@@ -138,7 +139,7 @@ class MegatronSettings:
                 raise ValueError(f"lora.lora_layer {lora.lora_layer!r} selects no layer the megatron backend can "
                                  f"adapt: name ColumnParallelLinear and/or RowParallelLinear")
             known.update(lora_rank=lora.lora_dim, lora_scaling=lora.lora_scaling, lora_targets=tuple(targets))
-        known.setdefault("adaptive_checkpoint", _runtime_adaptive_checkpoint())
+        known.setdefault("adaptive_checkpoint", adaptive_checkpoint)
         return cls(**known, tp=module_args.tensor_model_parallel_size,
                    pp=module_args.pipeline_model_parallel_size, trainable=trainable)
 
@@ -174,8 +175,9 @@ class MegatronModule(BaseModule):
         if self.settings is None:
             # Warnings about the model's 1.x keys: once per model, not once per rank.
             first = self.worker is None or (self.worker.replica_id == 0 and self.worker.rank == 0)
-            self.settings = MegatronSettings.from_args(self.module_args, self.model_args, name=self.name,
-                                                       log_warnings=first)
+            self.settings = MegatronSettings.from_args(
+                self.module_args, self.model_args, name=self.name, log_warnings=first,
+                adaptive_checkpoint=self.runtime_args.adaptive_parallel_strategy_on_checkpoint)
         s = self.settings
         if self.worker is not None and (self.worker.tp_size, self.worker.pp_size) != (s.tp, s.pp):
             raise ValueError(f"model {self.name!r}: engine placed tp={self.worker.tp_size} "
@@ -545,13 +547,6 @@ def _load_parameter_state_keeping_step(optimizer, filename: str, step: Optional[
     if step is not None:
         for st in _inner_states(optimizer):
             st["step"] = step.clone()
-
-
-def _runtime_adaptive_checkpoint() -> bool:
-    """``runtime.adaptive_parallel_strategy_on_checkpoint`` when chatlearn.init() ran, else False."""
-    from chatlearn.config.globals import get_args, is_initialized
-
-    return is_initialized() and bool(get_args().runtime.adaptive_parallel_strategy_on_checkpoint)
 
 
 def _token_mask(micro_batch: dict) -> torch.Tensor:
