@@ -13,6 +13,10 @@ and do not pull in torch, Ray or vLLM until they are needed):
     chatlearn.DPOEngine, GRPOMathEngine, EvalEngine     ChatLearn 1.x's other presets
     chatlearn.Environment, Trainer, Evaluator     flows
     chatlearn.EpisodeRelayBuffer                  relay buffer type for relay_sample_fn
+    chatlearn.PolicyInference, PolicyReference, RewardInference, MathReward, ValueInference,
+      PolicyTrainer, GRPOTrainer, DPOTrainer, ValueTrainer
+                                                  the library's roles (chatlearn.roles): vLLM sampling,
+                                                  Megatron reference, reward, value and trainers
 
 ChatLearn 1.x's names are here too (docs/migration.md); the ones that have no
 counterpart raise ImportError with a message naming the replacement.
@@ -45,6 +49,15 @@ _EXPORTS = {
     "Evaluator": "chatlearn.runtime.flow",
     "EpisodeRelayBuffer": "chatlearn.data.relay",
     "StreamDataset": "chatlearn.data.stream_dataset",
+    "PolicyInference": "chatlearn.roles",
+    "PolicyReference": "chatlearn.roles",
+    "RewardInference": "chatlearn.roles",
+    "MathReward": "chatlearn.roles",
+    "ValueInference": "chatlearn.roles",
+    "PolicyTrainer": "chatlearn.roles",
+    "GRPOTrainer": "chatlearn.roles",
+    "DPOTrainer": "chatlearn.roles",
+    "ValueTrainer": "chatlearn.roles",
 }
 
 # ChatLearn 1.x names for the classes above (1.x kept the RLHF* names as deprecated aliases).

@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The example modules tests import (train_rlhf, arithmetic, standalone from examples/megatron;
+# toy_models from examples/toy), found as their scripts find them. Ray workers get the driver's
+# sys.path (Engine._worker_env), so they import the same modules, and config strings such as
+# ``arithmetic:arithmetic_reward`` resolve there too. examples/megatron comes first: its
+# train_rlhf.py is the one tests import (examples/toy's runs only as a subprocess).
+for _folder in ("toy", "megatron"):
+    _path = os.path.join(ROOT, "examples", _folder)
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 @pytest.fixture(scope="session")

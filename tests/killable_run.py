@@ -84,7 +84,7 @@ def main() -> None:
         install(int(episode), point)
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # what `python SCRIPT` does; runpy does not
     runpy.run_path(script, run_name="__main__")
 
 

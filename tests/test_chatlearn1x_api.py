@@ -14,7 +14,7 @@ from chatlearn.models.base import HookSignatureError, WorkerInfo, call_hook
 from chatlearn.models.compat1x import RESUME_ENV
 from chatlearn.runtime.engine import FlowError
 from chatlearn.runtime.rl_engines import CheckedStep, RolloutKeysError
-from chatlearn.utils.toy_models import ToyPolicy, ToyReference, ToyReward, ToyTrainer, ToyValue, make_prompts
+from toy_models import ToyPolicy, ToyReference, ToyReward, ToyTrainer, ToyValue, make_prompts
 
 CONFIG = os.path.join(os.path.dirname(__file__), "configs", "toy_rlhf.yaml")
 
@@ -396,15 +396,10 @@ def test_rlhf_engine_runs_the_ppo_step_for_roles_that_declare_it():
         rlhf()
 
 
-def test_rlhf_engine_auto_runs_the_ppo_step_for_the_library_roles(monkeypatch):
-    """examples/megatron/models' trainers declare what they train on from the driver's step."""
-    import sys
-
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                             "examples", "megatron"))
-    monkeypatch.delitem(sys.modules, "models", raising=False)
-    from models import (GRPOTrainer, PolicyInference, PolicyReference, PolicyTrainer, RewardInference,
-                        ValueInference, ValueTrainer)
+def test_rlhf_engine_auto_runs_the_ppo_step_for_the_library_roles():
+    """The library's trainers (chatlearn.roles) declare what they train on from the driver's step."""
+    from chatlearn import (GRPOTrainer, PolicyInference, PolicyReference, PolicyTrainer, RewardInference,
+                           ValueInference, ValueTrainer)
 
     chatlearn.init(CONFIG)
     engine = RLHFEngine(PolicyInference("policy"), PolicyReference("reference"), RewardInference("reward"),

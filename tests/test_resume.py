@@ -26,8 +26,7 @@ EPISODES = 4
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    sys.path.insert(0, EXAMPLES)
-    from arithmetic import make_arithmetic_examples
+    from arithmetic import make_arithmetic_examples  # examples/megatron (tests/conftest.py)
 
     from chatlearn.models.megatron.hf_convert import make_score_checkpoint
 

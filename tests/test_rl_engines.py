@@ -19,9 +19,8 @@ from chatlearn.data.prompts import write_jsonl
 from chatlearn.utils.tiny_assets import ensure_tiny_assets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples", "megatron")
-CONFIGS = os.path.join(EXAMPLES, "configs", "tiny")
-sys.path.insert(0, EXAMPLES)
+# The entry scripts and arithmetic.py are imported from examples/megatron (on sys.path: tests/conftest.py).
+CONFIGS = os.path.join(ROOT, "examples", "megatron", "configs", "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +100,7 @@ def test_online_dpo_engine_runs(ray_session, monkeypatch, tiny):
 
 
 def test_grpo_needs_dynamic_loader(monkeypatch, tiny):
-    from models import GRPOTrainer, PolicyInference, PolicyReference, RewardInference
+    from chatlearn.roles import GRPOTrainer, PolicyInference, PolicyReference, RewardInference
 
     for key in ("policy_load", "data_path"):
         monkeypatch.setenv(key, tiny[key])

@@ -15,7 +15,7 @@ from chatlearn.runtime.calls import WorkerTimeoutError
 from chatlearn.runtime.engine import FlowError
 from chatlearn.runtime.worker import RemoteCallError
 from chatlearn.utils.metrics import read_metrics
-from chatlearn.utils.toy_models import ToyPolicy, ToyReference, ToyReward, ToyTrainer, ToyValue, make_prompts
+from toy_models import ToyPolicy, ToyReference, ToyReward, ToyTrainer, ToyValue, make_prompts
 
 CONFIG = os.path.join(os.path.dirname(__file__), "configs", "toy_rlhf.yaml")
 

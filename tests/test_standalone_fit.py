@@ -1,11 +1,6 @@
 """The epochs of examples/megatron/standalone.py's ``fit`` (SFT and reward-model training)."""
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "megatron"))
-from standalone import epoch_batches  # noqa: E402
+from standalone import epoch_batches  # examples/megatron (tests/conftest.py)
 
 
 @pytest.mark.parametrize("num_samples,size", [(10, 4), (7, 7), (1, 1), (9, 2)])

@@ -583,7 +583,7 @@ def apply_driver_keys(config: Any, sampler: str = "policy", log: logging.Logger 
     is built (the example entry scripts call it after ``chatlearn.init()``):
 
     * mapped keys are added to each model's args under our names (``cliprange_value`` ->
-      ``value_clip_eps``), so the RL presets' algorithm settings and our example roles read them;
+      ``value_clip_eps``), so the RL presets' algorithm settings and the library's roles read them;
     * ``num_inference_per_prompt`` k > 1 on ``sampler`` (the model that samples the episode's
       prompts) is 1.x's "k responses per prompt; sample_per_episode and generation_batch_size
       count responses": the sampler's ``n`` becomes k, ``runtime.sample_per_episode`` and the

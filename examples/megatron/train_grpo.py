@@ -16,10 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import chatlearn  # noqa: E402
-from chatlearn import GRPOEngine  # noqa: E402
+from chatlearn import GRPOEngine, GRPOTrainer, PolicyInference, PolicyReference, RewardInference  # noqa: E402
 from chatlearn.data.prompts import read_jsonl  # noqa: E402
 from chatlearn.models.chatlearn1x_args import apply_driver_keys  # noqa: E402
-from models import GRPOTrainer, PolicyInference, PolicyReference, RewardInference  # noqa: E402
 from train_rlhf import build_evaluator  # noqa: E402
 
 

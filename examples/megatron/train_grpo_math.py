@@ -30,12 +30,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import chatlearn  # noqa: E402
-from chatlearn import Engine, Environment, Evaluator, Trainer  # noqa: E402
+from chatlearn import (Engine, Environment, Evaluator, GRPOTrainer, MathReward, PolicyInference,  # noqa: E402
+                       PolicyReference, RewardInference, Trainer)
 from chatlearn.algorithms.core import config_from_args  # noqa: E402
 from chatlearn.algorithms.grpo import GRPOConfig, GRPORollouts  # noqa: E402
 from chatlearn.data.prompts import read_jsonl  # noqa: E402
 from chatlearn.models.chatlearn1x_args import apply_driver_keys  # noqa: E402
-from models import GRPOTrainer, MathReward, PolicyInference, PolicyReference, RewardInference  # noqa: E402
 from train_rlhf import reward_metrics  # noqa: E402
 
 

@@ -14,8 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from chatlearn import OnlineDPOEngine  # noqa: E402
-from models import DPOTrainer  # noqa: E402
+from chatlearn import DPOTrainer, OnlineDPOEngine  # noqa: E402
 from train_grpo import main as run_critic_free  # noqa: E402
 
 

@@ -20,17 +20,11 @@ against the checkpoints or warned about (docs/migration_config.md, "Model files"
 """
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import chatlearn  # noqa: E402
-from chatlearn import Evaluator, RLHFEngine  # noqa: E402
-from chatlearn.data.prompts import read_jsonl  # noqa: E402
-from chatlearn.models.chatlearn1x_args import apply_driver_keys  # noqa: E402
-from models import (PolicyInference, PolicyReference, PolicyTrainer, RewardInference, ValueInference,  # noqa: E402
-                    ValueTrainer)
+import chatlearn
+from chatlearn import (Evaluator, PolicyInference, PolicyReference, PolicyTrainer, RewardInference, RLHFEngine,
+                       ValueInference, ValueTrainer)
+from chatlearn.data.prompts import read_jsonl
+from chatlearn.models.chatlearn1x_args import apply_driver_keys
 
 
 def reward_metrics(results: list[dict], episode: int) -> dict[str, float]:

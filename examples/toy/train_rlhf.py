@@ -13,13 +13,15 @@ reward rises from episode to episode.
 import chatlearn
 from chatlearn import RLHFEngine
 from chatlearn.utils.memory import PeakRSSMonitor
-from chatlearn.utils.toy_models import ToyPolicy as PolicyInference
-from chatlearn.utils.toy_models import ToyReference as PolicyReference
-from chatlearn.utils.toy_models import ToyReward as RewardInference
-from chatlearn.utils.toy_models import ToyTrainer as PolicyTrainer
-from chatlearn.utils.toy_models import ToyTrainer as ValueTrainer
-from chatlearn.utils.toy_models import ToyValue as ValueInference
-from chatlearn.utils.toy_models import make_prompts
+# toy_models.py sits next to this script, so Python finds it (and the engine gives its
+# Ray workers the driver's sys.path, so they find it too).
+from toy_models import ToyPolicy as PolicyInference
+from toy_models import ToyReference as PolicyReference
+from toy_models import ToyReward as RewardInference
+from toy_models import ToyTrainer as PolicyTrainer
+from toy_models import ToyTrainer as ValueTrainer
+from toy_models import ToyValue as ValueInference
+from toy_models import make_prompts
 
 
 def main() -> None:

@@ -9,8 +9,9 @@ Model args (the model's YAML):
 At least one of ``load`` and ``reward_fn`` is required.
 
 ``MathReward`` is ChatLearn 1.x's rule-based ``math_reward`` model of its GRPO math
-example: a reward function only, combined with the reward model's score that reaches it
-from the previous stage, by ``math_reward_strategy``.
+example (its rule: ``chatlearn.roles.math_reward``): a reward function only, combined
+with the reward model's score that reaches it from the previous stage, by
+``math_reward_strategy``.
 """
 from __future__ import annotations
 
@@ -83,16 +84,17 @@ class MathReward(RewardInference):
     """ChatLearn 1.x's rule-based math reward model (``math_reward`` in grpo_math_vllm.yaml).
 
     Runs after the reward model, on its output: ``math_scores`` from ``reward_fn`` (default
-    ``math_reward:math_reward``: 1 when the response's last number is the record's ``answer``),
-    ``rm_scores`` = the reward model's ``scores`` that arrive with the batch, and ``scores`` by
-    ``math_reward_strategy``: ``merge`` (math + reward model, 1.x's default), ``sparse_only``
-    (math) or ``dense_only`` (reward model). Like 1.x's, it loads no model: a ``load`` its file
-    includes (1.x's ``reward_shared.yaml``) names the reward model, which the ``reward`` model runs.
+    ``chatlearn.roles.math_reward:math_reward``: 1 when the response's last number is the
+    record's ``answer``), ``rm_scores`` = the reward model's ``scores`` that arrive with the
+    batch, and ``scores`` by ``math_reward_strategy``: ``merge`` (math + reward model, 1.x's
+    default), ``sparse_only`` (math) or ``dense_only`` (reward model). Like 1.x's, it loads no
+    model: a ``load`` its file includes (1.x's ``reward_shared.yaml``) names the reward model,
+    which the ``reward`` model runs.
     """
 
     def setup(self) -> None:
         args = self.model_args
-        self.reward_fn = import_callable(args.get("reward_fn") or "math_reward:math_reward")
+        self.reward_fn = import_callable(args.get("reward_fn") or "chatlearn.roles.math_reward:math_reward")
         self.strategy = str(args.get("math_reward_strategy") or "merge")
         if self.strategy not in MATH_REWARD_STRATEGIES:
             raise ValueError(f"model {self.name!r}: math_reward_strategy must be one of {MATH_REWARD_STRATEGIES}, "

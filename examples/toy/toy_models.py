@@ -3,8 +3,9 @@
 They exercise the engine without a language model: the "policy" maps a prompt
 vector through a linear layer plus seeded noise, the trainers take SGD steps
 towards a fixed target, and every role records what it saw so tests can check
-sample counts, order, weight sync and resume. The example toy run
-(``examples/toy/train_rlhf.py``) uses them too.
+sample counts, order, weight sync and resume. They live with the example toy run
+(``examples/toy/train_rlhf.py``); the tests import them as ``toy_models``
+(tests/conftest.py puts this folder on sys.path).
 
 Model args (in the model's ``model_config_file``) that inject faults for tests:
 ``fail_on_iteration: N`` raises in call N (on every rank, or only on rank

@@ -1,12 +1,12 @@
 """A rule-based math reward: 1 when the response's final number equals the sample's answer.
 
-The reward function of the ``math_reward`` model in ChatLearn 1.x-style GRPO configs
-(``grpo_math_vllm.yaml``; ``models.MathReward``, ``train_grpo_math.py``): like 1.x's
-rule-based math reward model, it reads the LAST number of the response (the final
-answer of a worked solution), compares it with the record's ``answer`` numerically
-(``12``, ``12.0`` and ``24/2`` are equal), and scores 1.0 or 0.0. Records whose
-``eval_func`` names another checker (1.x's data marks math records ``math_rule``)
-score 0.0 here.
+The default reward function of ``chatlearn.roles.MathReward``, the ``math_reward`` model
+in ChatLearn 1.x-style GRPO configs (``grpo_math_vllm.yaml``,
+``examples/megatron/train_grpo_math.py``): like 1.x's rule-based math reward model, it
+reads the LAST number of the response (the final answer of a worked solution), compares
+it with the record's ``answer`` numerically (``12``, ``12.0`` and ``24/2`` are equal),
+and scores 1.0 or 0.0. Records whose ``eval_func`` names another checker (1.x's data
+marks math records ``math_rule``) score 0.0 here.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model roles for the Megatron + vLLM examples (imported by the entry scripts one folder up).
+"""The library's model roles: Megatron training and vLLM sampling for PPO, GRPO and online DPO.
 
     PolicyInference   vLLM sampling: responses, old_logprobs
     PolicyReference   Megatron forward: ref_logprobs
@@ -7,12 +7,15 @@
     ValueInference    Megatron score head: old_values
     PolicyTrainer     Megatron PPO policy loss        (GRPOTrainer, DPOTrainer: the other algorithms)
     ValueTrainer      Megatron clipped value loss
+
+Also importable from the top-level package (``from chatlearn import PolicyTrainer``), which
+imports this package only when one of them is asked for.
 """
-from models.policy_inference import PolicyInference
-from models.policy_trainer import DPOTrainer, GRPOTrainer, PolicyTrainer
-from models.reference import PolicyReference
-from models.reward import MathReward, RewardInference
-from models.value import ValueInference, ValueTrainer
+from chatlearn.roles.policy_inference import PolicyInference
+from chatlearn.roles.policy_trainer import DPOTrainer, GRPOTrainer, PolicyTrainer
+from chatlearn.roles.reference import PolicyReference
+from chatlearn.roles.reward import MathReward, RewardInference
+from chatlearn.roles.value import ValueInference, ValueTrainer
 
 __all__ = ["PolicyInference", "PolicyReference", "RewardInference", "MathReward", "ValueInference", "PolicyTrainer",
            "GRPOTrainer", "DPOTrainer", "ValueTrainer"]
