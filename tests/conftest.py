@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The example modules tests import (train_rlhf, arithmetic, standalone from examples/megatron;
 # toy_models from examples/toy), found as their scripts find them. Ray workers get the driver's
-# sys.path (Engine._worker_env), so they import the same modules, and config strings such as
+# sys.path (chatlearn.runtime.startup.worker_env), so they import the same modules, and config strings such as
 # ``arithmetic:arithmetic_reward`` resolve there too. examples/megatron comes first: its
 # train_rlhf.py is the one tests import (examples/toy's runs only as a subprocess).
 for _folder in ("toy", "megatron"):

@@ -53,6 +53,8 @@ def _run(monkeypatch, tiny, algo: str, main, **knobs):
 
 
 def _check_run(history, run_dir, trainers: list[str], syncs: list[str]) -> None:
+    """Two episodes, syncs every episode, checkpoints of each trainer, the policy trainer's final
+    weights in Hugging Face format (trainers[0])."""
     assert len(history) == 2
     for metrics in history:
         assert all(math.isfinite(v) for v in metrics.values()), metrics
@@ -63,7 +65,7 @@ def _check_run(history, run_dir, trainers: list[str], syncs: list[str]) -> None:
     assert episodes == ["episode_000000", "episode_000001"]  # numbered from 0
     for trainer in trainers:
         assert os.listdir(run_dir / "checkpoints" / episodes[-1] / "models" / trainer)
-    assert os.path.exists(run_dir / "hf_ppo_policy" / "model.safetensors")
+    assert os.path.exists(run_dir / f"hf_{trainers[0]}" / "model.safetensors")
 
 
 def test_ppo_rlhf_engine_runs_six_roles(ray_session, monkeypatch, tiny):
@@ -83,7 +85,7 @@ def test_grpo_engine_runs(ray_session, monkeypatch, tiny):
     from train_grpo import main
 
     history, run_dir = _run(monkeypatch, tiny, "grpo", main, sample_per_episode=8, generation_batch_size=8, policy_n=4)
-    _check_run(history, run_dir, ["ppo_policy"], ["ppo_policy->policy"])
+    _check_run(history, run_dir, ["policy_trainer"], ["policy_trainer->policy"])
     assert history[0]["samples/environment"] == 32  # 8 prompts x n=4
     assert "kl" in history[0] and "reward/group_std" in history[0]
 
@@ -94,7 +96,7 @@ def test_online_dpo_engine_runs(ray_session, monkeypatch, tiny):
     # A random policy rarely gets arithmetic right; the reward model's scores rank every pair.
     history, run_dir = _run(monkeypatch, tiny, "online_dpo", main, sample_per_episode=8, generation_batch_size=8,
                             reward_fn_weight=0.0)
-    _check_run(history, run_dir, ["ppo_policy"], ["ppo_policy->policy"])
+    _check_run(history, run_dir, ["policy_trainer"], ["policy_trainer->policy"])
     assert history[0]["pairs/kept_fraction"] == 1.0
     assert "dpo/accuracy" in history[0]
 
@@ -109,7 +111,7 @@ def test_grpo_needs_dynamic_loader(monkeypatch, tiny):
     chatlearn.get_args().runtime.stream_data_loader_type = "fixed"
     with pytest.raises(ValueError, match="runtime.stream_data_loader_type: GRPOEngine needs 'dynamic'"):
         chatlearn.GRPOEngine(PolicyInference("policy"), PolicyReference("reference"), RewardInference("reward"),
-                             GRPOTrainer("ppo_policy"))
+                             GRPOTrainer("policy_trainer"))
 
 
 @pytest.mark.parametrize("algo", ["online_dpo", "grpo"])

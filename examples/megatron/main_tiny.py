@@ -39,6 +39,10 @@ ALGORITHMS = {
 }
 
 
+# The policy trainer's model name in each config (its final weights: <run dir>/hf_<name>).
+TRAINERS = {"ppo": "ppo_policy", "grpo": "policy_trainer", "online_dpo": "policy_trainer"}
+
+
 def _log(message: str) -> None:
     print(f"[main] {message}", flush=True)
 
@@ -149,7 +153,7 @@ def _report(run_dir: str, algo: str, elapsed: float, peak_gib: float, config: st
               f"  {m['eval/response_length/mean']:>6.2f}")
     first, last = evals[min(evals)], evals[max(evals)]
     last3 = [evals[e] for e in sorted(evals)[-3:]]
-    final_model = os.path.join(run_dir, "hf_ppo_policy")
+    final_model = os.path.join(run_dir, f"hf_{TRAINERS[algo]}")
     greedy = (greedy_accuracy(start_model, heldout), greedy_accuracy(final_model, heldout))
     plot = os.path.join(run_dir, "curves.png")
     _plot(metrics, plot, f"tiny {algo}: held-out reward and accuracy")

@@ -30,7 +30,7 @@ def main(engine_cls=GRPOEngine, trainer_cls=GRPOTrainer) -> list[dict]:
     policy = PolicyInference("policy")
     reference = PolicyReference("reference")
     reward = RewardInference("reward")
-    trainer = trainer_cls("ppo_policy")
+    trainer = trainer_cls("policy_trainer")  # the YAML key under models:
 
     evaluator = build_evaluator(policy, reward, args.runtime.eval_data_path)
     engine = engine_cls(policy, reference, reward, trainer, evaluator=evaluator)
