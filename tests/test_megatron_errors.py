@@ -114,20 +114,36 @@ def test_settings_from_model_config(models):
     assert settings.lora_rank == 4 and settings.lora_targets == ("linear_qkv", "linear_proj", "linear_fc2")
 
 
-def test_adaptive_checkpoint_setting_follows_runtime_config(models):
+def test_adaptive_checkpoint_setting_follows_runtime_config(models, monkeypatch):
     from chatlearn.config import globals as cl_globals
     from chatlearn.config.schema import ChatLearnConfig, ModelConfig, RuntimeConfig
 
     entry = ModelConfig(trainable=True)
+    assert not MegatronSettings.from_args(entry, {"load": models["llama"]}).adaptive_checkpoint
+    assert MegatronSettings.from_args(entry, {"load": models["llama"]}, adaptive_checkpoint=True).adaptive_checkpoint
+    # An explicit model arg wins over the runtime default.
+    assert not MegatronSettings.from_args(entry, {"load": models["llama"], "adaptive_checkpoint": False},
+                                          adaptive_checkpoint=True).adaptive_checkpoint
+
+    # The module hands the run's runtime setting to its settings.
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def from_args(cls, *args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(MegatronSettings, "from_args", classmethod(from_args))
     previous = cl_globals.get_args() if cl_globals.is_initialized() else None
     try:
         cl_globals._reset()
-        assert not MegatronSettings.from_args(entry, {"load": models["llama"]}).adaptive_checkpoint
-        cl_globals.set_args(ChatLearnConfig(runtime=RuntimeConfig(adaptive_parallel_strategy_on_checkpoint=True)))
-        assert MegatronSettings.from_args(entry, {"load": models["llama"]}).adaptive_checkpoint
-        # An explicit model arg wins over the runtime default.
-        assert not MegatronSettings.from_args(entry, {"load": models["llama"], "adaptive_checkpoint": False}
-                                              ).adaptive_checkpoint
+        cl_globals.set_args(ChatLearnConfig(models={"policy": ModelConfig(trainable=True)},
+                                            runtime=RuntimeConfig(adaptive_parallel_strategy_on_checkpoint=True)))
+        with pytest.raises(Stop):
+            MegatronModule("policy").setup()
+        assert seen["adaptive_checkpoint"] is True
     finally:
         cl_globals._reset()
         if previous is not None:

@@ -37,7 +37,7 @@ from chatlearn.models.base import BaseModule
 from chatlearn.models.compat1x import RESUME_ENV, STORE_ENV
 from chatlearn.runtime import checkpoint
 from chatlearn.runtime.calls import CallTracker
-from chatlearn.runtime.console import Progress, episode_summary
+from chatlearn.runtime.console import Progress, episode_summary, full_summary
 from chatlearn.runtime.dist_model import DistModel, RemoteBatch
 from chatlearn.runtime.flow import BaseFlow, Environment, Evaluator, FlowError, Trainer, _check_datasets
 from chatlearn.runtime.startup import Cluster, create_models, start_cluster, stop_cluster, worker_env
@@ -758,11 +758,11 @@ class EvalEngine(Engine):
         try:
             if self.runtime.debug:
                 logging.getLogger("chatlearn").setLevel("DEBUG")
-            self._start_ray()
-            self._create_models()
+            quiet_dependencies(verbose=self.runtime.debug)
+            self._start_models()
             self._setup_data()
             metrics, processed = self.run_evaluation(-1 if cur_iter is None else cur_iter, train_iteration or 0)
-            logger.info("evaluation: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            logger.info("evaluation: %s", full_summary(metrics))
             self.eval_metrics = metrics
             return processed
         finally:

@@ -53,7 +53,7 @@ _RAY_AUTH_NOTICE = re.compile(r"^Token authentication is enabled for this Ray cl
 
 
 def _verbose_env() -> bool:
-    # runtime.debug sets this in every worker (Engine._worker_env).
+    # runtime.debug sets this in every worker (chatlearn.runtime.startup.worker_env).
     return os.environ.get("CHATLEARN_LOG_LEVEL", "").upper() == "DEBUG"
 
 
