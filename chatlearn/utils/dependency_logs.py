@@ -3,7 +3,8 @@
 Each filter below names one message and why it is noise here. Everything else a
 dependency says still shows, and ``runtime.debug`` (or ``CHATLEARN_LOG_LEVEL=DEBUG``)
 installs none of them. ``quiet_dependencies()`` runs in the driver before Ray starts
-and in every worker before its model is built. (vLLM's own worker processes, with
+and in every worker before its model is built, and in the ranks of ``chatlearn.utils.launch``
+(standalone training such as examples/megatron/train_sft.py). (vLLM's own worker processes, with
 tensor parallelism above 1, keep their messages.)
 """
 from __future__ import annotations

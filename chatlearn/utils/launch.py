@@ -33,6 +33,9 @@ def init_single_process(threads: int = 0) -> None:
 
     if dist.is_initialized():
         return
+    from chatlearn.utils.dependency_logs import quiet_dependencies
+
+    quiet_dependencies()
     if threads:
         torch.set_num_threads(threads)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -42,13 +45,12 @@ def init_single_process(threads: int = 0) -> None:
 
 
 def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, threads: int, args: tuple) -> None:
-    import warnings
-
     import torch.distributed as dist
 
     from chatlearn.utils import platform
+    from chatlearn.utils.dependency_logs import quiet_dependencies
 
-    warnings.filterwarnings("ignore")
+    quiet_dependencies()
     torch.set_num_threads(threads)  # several ranks share a few cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
