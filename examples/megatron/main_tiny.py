@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -43,12 +44,30 @@ ALGORITHMS = {
 TRAINERS = {"ppo": "ppo_policy", "grpo": "policy_trainer", "online_dpo": "policy_trainer"}
 
 
+def _command_text(cmd: list[str], width: int = 100) -> str:
+    """``cmd`` as a shell runs it, wrapped between options to fit a terminal."""
+    words = [shlex.quote(os.path.relpath(c) if os.path.isabs(c) and c.startswith(os.getcwd()) else c) for c in cmd]
+    groups: list[list[str]] = [words[:2]]  # the interpreter and the script, then each option with its value
+    for word in words[2:]:
+        if word.startswith("-"):
+            groups.append([word])
+        else:
+            groups[-1].append(word)
+    lines = [" ".join(groups[0])]
+    for group in map(" ".join, groups[1:]):
+        if len(lines[-1]) + 1 + len(group) > width:
+            lines.append(group)
+        else:
+            lines[-1] += " " + group
+    return " \\\n       ".join(lines)
+
+
 def _log(message: str) -> None:
     print(f"[main] {message}", flush=True)
 
 
 def _run(cmd: list[str], env: dict | None = None) -> None:
-    _log(" ".join(os.path.relpath(c) if os.path.isabs(c) and c.startswith(os.getcwd()) else c for c in cmd))
+    _log(_command_text(cmd))
     subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
 
 
