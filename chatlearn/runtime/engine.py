@@ -280,9 +280,7 @@ class Engine:
         # Ordering: placement needs Ray; workers need the placement group; setup()
         # needs torch.distributed; resume needs set-up workers; the first sync
         # needs both sides of each pair loaded.
-        if self.runtime.debug:
-            logging.getLogger("chatlearn").setLevel("DEBUG")
-        quiet_dependencies(verbose=self.runtime.debug)
+        self._configure_logging()
         self._check_relay()
         self._check_resume_settings()
         self._locate_checkpoint()  # before the workers start: their setup() sees resume_training
@@ -290,6 +288,12 @@ class Engine:
         self._setup_data()
         self._setup_output()
         self._maybe_resume()
+
+    def _configure_logging(self) -> None:
+        """runtime.debug: DEBUG logging and every dependency message; else their noise filtered."""
+        if self.runtime.debug:
+            logging.getLogger("chatlearn").setLevel("DEBUG")
+        quiet_dependencies(verbose=self.runtime.debug)
 
     def _start_models(self) -> None:
         self._cluster = start_cluster(self.config)
@@ -392,13 +396,9 @@ class Engine:
 
     def _run_episode(self, episode: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        progress = self._progress
-
-        def on_phase(key: str) -> None:  # "time/train" -> the heartbeat says "train"
-            if progress is not None:
-                progress.phase(key[len("time/"):], episode)
-
-        timer = functools.partial(_timed, metrics, on_start=on_phase)
+        # "time/train" also tells the progress heartbeat that the episode is in "train".
+        timer = functools.partial(_timed, metrics,
+                                  on_start=lambda key: self._progress.phase(key[len("time/"):], episode))
         for d in self.dist.values():
             d.reset_round_robin()
         self._hook_all("before_episode", episode=episode)
@@ -756,9 +756,7 @@ class EvalEngine(Engine):
         if self.evaluator.prompts is None:
             raise ValueError("call engine.set_dataset(prompts) before engine.eval()")
         try:
-            if self.runtime.debug:
-                logging.getLogger("chatlearn").setLevel("DEBUG")
-            quiet_dependencies(verbose=self.runtime.debug)
+            self._configure_logging()
             self._start_models()
             self._setup_data()
             metrics, processed = self.run_evaluation(-1 if cur_iter is None else cur_iter, train_iteration or 0)
@@ -792,7 +790,7 @@ def _as_samples(dataset, dicts: bool = True) -> list:
 
 
 @contextlib.contextmanager
-def _timed(sink: dict[str, float], key: str, on_start: Callable[[str], None] = lambda key: None):
+def _timed(sink: dict[str, float], key: str, on_start: Callable[[str], None]):
     on_start(key)
     start = time.perf_counter()
     try:

@@ -66,7 +66,12 @@ def start_cluster(config: ChatLearnConfig) -> Cluster:
             kwargs["num_cpus"] = max(placement.num_slots.get("cpu", 0), os.cpu_count() or 1)
         ray.init(**kwargs)
         started = True
-    cluster = Cluster(placement, placement_group(bundles, strategy="PACK"), bundle_offset, started)
+    try:
+        cluster = Cluster(placement, placement_group(bundles, strategy="PACK"), bundle_offset, started)
+    except BaseException:
+        if started:  # nothing else holds it yet: stop the Ray this call started
+            ray.shutdown()
+        raise
     if not cluster.placement_group.wait(timeout_seconds=120):
         resources = ray.cluster_resources()
         stop_cluster(cluster)
