@@ -133,3 +133,21 @@ def test_stderr_is_written_back_when_the_engine_start_fails(capfd):
     except RuntimeError:
         pass
     assert capfd.readouterr().err == "why it failed\n"
+
+
+def test_what_a_crashing_engine_start_prints_reaches_stderr():
+    """Copied as it comes, not held: a process that dies inside the block (a native crash in
+    vLLM's start) still leaves its last words in the log."""
+    import subprocess
+    import sys
+
+    script = ("import os, time\n"
+              "from chatlearn.utils import dependency_logs\n"
+              "with dependency_logs.drop_cpp_start_messages(verbose=False):\n"
+              "    os.write(2, b'Warning: NUMA binding: Using MEMBIND policy\\n')\n"
+              "    os.write(2, b'why the engine died\\n')\n"
+              "    time.sleep(0.5)\n"
+              "    os._exit(3)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3
+    assert run.stderr == "why the engine died\n"

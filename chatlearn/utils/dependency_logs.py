@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import sys
-import tempfile
+import threading
 import warnings
 from typing import Iterator, Optional
 
@@ -97,24 +97,33 @@ _CPP_START_MESSAGES = re.compile(r"Warning: NUMA binding: Using MEMBIND policy")
 
 @contextlib.contextmanager
 def drop_cpp_start_messages(verbose: Optional[bool] = None) -> Iterator[None]:
-    """Around a vLLM engine start: what the process writes to stderr is held in a temporary
-    file and written back afterwards, less the lines ``_CPP_START_MESSAGES`` names (also on
-    an error, so nothing a failure printed is lost)."""
+    """Around a vLLM engine start: file descriptor 2 goes through a pipe whose lines a
+    thread copies back as they come, less those ``_CPP_START_MESSAGES`` names. Copied
+    live, not held, so what a crash prints on the way out still reaches the log."""
     if _verbose_env() if verbose is None else verbose:
         yield
         return
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def copy() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not _CPP_START_MESSAGES.search(line.decode(errors="replace")):
+                    os.write(saved, line)
+
+    copier = threading.Thread(target=copy, name="chatlearn-stderr", daemon=True)
+    copier.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the copier reads to its end
+        # A process started inside the block may hold the write end on; its lines are
+        # still copied, by the daemon thread, which then keeps ``saved`` open.
+        copier.join(timeout=5.0)
+        if not copier.is_alive():
             os.close(saved)
-            held.seek(0)
-            for line in held.read().decode(errors="replace").splitlines(keepends=True):
-                if not _CPP_START_MESSAGES.search(line):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
