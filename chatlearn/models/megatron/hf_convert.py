@@ -1,4 +1,4 @@
-"""Hugging Face <-> Megatron weight conversion for Llama / Qwen2 GPT models.
+"""Hugging Face <-> Megatron weight conversion for Llama / Qwen2 / Qwen3 GPT models.
 
 The mapping is data, not code per model: :data:`LAYER_RULES` and
 :data:`GLOBAL_RULES` list, for every Megatron parameter, the HF tensors it is
@@ -91,19 +91,29 @@ class Rule:
     when: Callable[[HFArch], bool] = lambda arch: True
 
 
-# Per decoder layer; "{i}" is the global layer index.
+# Per decoder layer; "{i}" is the global layer index. ``when`` picks the
+# rules an architecture uses (model.py's HFArch says which parts it has).
+_ATTN, _MLP = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
 LAYER_RULES: tuple[Rule, ...] = (
     Rule("input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",), "replicated"),
-    Rule("self_attention.linear_qkv.weight",
-         tuple(f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv"), "qkv"),
-    Rule("self_attention.linear_qkv.bias",
-         tuple(f"model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"), "qkv",
+    Rule("self_attention.linear_qkv.weight", tuple(f"{_ATTN}{p}_proj.weight" for p in "qkv"), "qkv"),
+    Rule("self_attention.linear_qkv.bias", tuple(f"{_ATTN}{p}_proj.bias" for p in "qkv"), "qkv",
          when=lambda arch: arch.qkv_bias),
-    Rule("self_attention.linear_proj.weight", ("model.layers.{i}.self_attn.o_proj.weight",), "cols"),
+    # Qwen3's per-head RMSNorm on q and k (head_dim wide, the same on every TP rank).
+    Rule("self_attention.q_layernorm.weight", (_ATTN + "q_norm.weight",), "replicated",
+         when=lambda arch: arch.qk_norm),
+    Rule("self_attention.k_layernorm.weight", (_ATTN + "k_norm.weight",), "replicated",
+         when=lambda arch: arch.qk_norm),
+    Rule("self_attention.linear_proj.weight", (_ATTN + "o_proj.weight",), "cols"),
+    # A row-parallel linear adds its whole bias once, after the reduction.
+    Rule("self_attention.linear_proj.bias", (_ATTN + "o_proj.bias",), "replicated",
+         when=lambda arch: arch.linear_bias),
     Rule("pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",), "replicated"),
-    Rule("mlp.linear_fc1.weight",
-         ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "gate_up"),
-    Rule("mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",), "cols"),
+    Rule("mlp.linear_fc1.weight", (_MLP + "gate_proj.weight", _MLP + "up_proj.weight"), "gate_up"),
+    Rule("mlp.linear_fc1.bias", (_MLP + "gate_proj.bias", _MLP + "up_proj.bias"), "gate_up",
+         when=lambda arch: arch.linear_bias),
+    Rule("mlp.linear_fc2.weight", (_MLP + "down_proj.weight",), "cols"),
+    Rule("mlp.linear_fc2.bias", (_MLP + "down_proj.bias",), "replicated", when=lambda arch: arch.linear_bias),
 )
 
 # Outside the decoder layers. With tied embeddings and PP > 1 the last stage
@@ -292,16 +302,17 @@ def expected_hf_shapes(arch: HFArch) -> dict[str, tuple[int, ...]]:
     h, d = arch.hidden_size, arch.head_dim
     nq, nkv, f, v = arch.num_heads * d, arch.num_kv_heads * d, arch.ffn_hidden_size, arch.vocab_size
     layer = "model.layers.{i}."
+    attn, mlp = layer + "self_attn.", layer + "mlp."
     shapes = {
         "model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,),
         "score.weight": (arch.num_labels, h),
         layer + "input_layernorm.weight": (h,), layer + "post_attention_layernorm.weight": (h,),
-        layer + "self_attn.q_proj.weight": (nq, h), layer + "self_attn.k_proj.weight": (nkv, h),
-        layer + "self_attn.v_proj.weight": (nkv, h), layer + "self_attn.o_proj.weight": (h, nq),
-        layer + "self_attn.q_proj.bias": (nq,), layer + "self_attn.k_proj.bias": (nkv,),
-        layer + "self_attn.v_proj.bias": (nkv,),
-        layer + "mlp.gate_proj.weight": (f, h), layer + "mlp.up_proj.weight": (f, h),
-        layer + "mlp.down_proj.weight": (h, f),
+        attn + "q_proj.weight": (nq, h), attn + "k_proj.weight": (nkv, h), attn + "v_proj.weight": (nkv, h),
+        attn + "o_proj.weight": (h, nq), attn + "q_proj.bias": (nq,), attn + "k_proj.bias": (nkv,),
+        attn + "v_proj.bias": (nkv,), attn + "o_proj.bias": (h,),
+        attn + "q_norm.weight": (d,), attn + "k_norm.weight": (d,),
+        mlp + "gate_proj.weight": (f, h), mlp + "up_proj.weight": (f, h), mlp + "down_proj.weight": (h, f),
+        mlp + "gate_proj.bias": (f,), mlp + "up_proj.bias": (f,), mlp + "down_proj.bias": (h,),
     }
     return shapes
 
@@ -441,7 +452,8 @@ def save_hf_checkpoint(model: torch.nn.Module, hf_config: Union[dict, Any], out_
     dist.barrier()
 
 
-_SCORE_ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}
+_SCORE_ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
+                        "qwen3": "Qwen3ForSequenceClassification"}
 
 
 def make_score_checkpoint(causal_lm_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],

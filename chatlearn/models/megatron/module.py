@@ -1,7 +1,7 @@
 """``MegatronModule``: a chatlearn model role backed by a megatron-core GPTModel.
 
 Each worker (one Ray actor per rank, torch.distributed already initialized
-by the engine) builds its TP/PP shard of a Llama/Qwen2 model from a Hugging
+by the engine) builds its TP/PP shard of a Llama/Qwen2/Qwen3 model from a Hugging
 Face checkpoint. Inference roles get token log-probs from ``forward_step``;
 trainers subclass and override :meth:`MegatronModule.loss_fn`.
 
