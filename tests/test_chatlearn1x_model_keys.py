@@ -237,3 +237,28 @@ def test_migration_doc_lists_every_key_of_the_table():
         for row in rows:
             assert row in section, row
     assert sum(map(len, cl1x.doc_rows().values())) == len(cl1x.KEYS)
+
+
+def test_rope_scaling_and_qk_norm_keys_are_checked_against_the_checkpoint(tmp_path):
+    """Megatron-LM's RoPE-scaling and qk-layernorm keys must say what the checkpoint's config says."""
+    path = tmp_path / "hf31"
+    path.mkdir()
+    llama31 = {**HF_CONFIG, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 8192}}
+    (path / "config.json").write_text(json.dumps(llama31))
+    good = {"load": str(path), "use_rope_scaling": True, "rope_scaling_factor": 8.0, "qk_layernorm": False,
+            "rotary_base": 500000}
+    MegatronSettings.from_args(entry(model_file(tmp_path, f"load: {path}\n"), good), good, name="ppo_policy")
+    bad = {**good, "rope_scaling_factor": 32.0, "qk_layernorm": True}
+    with pytest.raises(ValueError) as err:
+        MegatronSettings.from_args(entry(model_file(tmp_path, f"load: {path}\n"), bad), bad, name="ppo_policy")
+    text = str(err.value)
+    assert re.search(r"rope_scaling_factor: 32.0 disagrees .*: a llama checkpoint means rope_scaling_factor: 8.0", text)
+    assert re.search(r"qk_layernorm: True disagrees .*means qk_layernorm: False", text)
+    plain = {"load": str(tmp_path / "hf_plain"), "use_rope_scaling": True}
+    os.makedirs(plain["load"])
+    with open(os.path.join(plain["load"], "config.json"), "w") as f:
+        json.dump(HF_CONFIG, f)
+    with pytest.raises(ValueError, match=r"use_rope_scaling: True disagrees"):
+        MegatronSettings.from_args(entry(model_file(tmp_path, "x: 1\n"), plain), plain, name="ppo_policy")

@@ -11,8 +11,8 @@ Checked for every shape, on real megatron-core over gloo, transformers and vLLM:
   that a model built without the RoPE scaling, or without qk-norm, misses that
   bound (the check is shown to fail then);
 - weights synced from the TP2 trainer into a vLLM engine started from other
-  weights make vLLM's greedy output equal transformers' (the two extra RoPE
-  scalings, YaRN and linear, in the slow suite).
+  weights make vLLM's greedy output equal transformers' (the VARIANTS: YaRN,
+  linear RoPE scaling, Llama with biases on every linear, in the slow suite).
 The PPO step on each shape is in test_hf_architectures_ppo.py (slow).
 """
 from __future__ import annotations
@@ -53,14 +53,16 @@ SHAPES: dict[str, dict] = {
     "qwen3-0.6b": dict(arch="qwen3", heads=16, kv_heads=8, head_dim=128, tie_embeddings=True,
                        max_pos=40960, config_overrides=dict(rope_theta=1000000.0, rms_norm_eps=1e-6)),
 }
-# The two other RoPE scalings megatron-core and vLLM both express, on the Qwen2.5 shape
-# (Qwen2.5's model cards suggest this YaRN section for long inputs).
-ROPE_VARIANTS: dict[str, dict] = {
+# What else megatron-core and vLLM both express: the two other RoPE scalings (Qwen2.5's
+# model cards suggest this YaRN section for long inputs), and Llama's biases on every linear.
+VARIANTS: dict[str, dict] = {
     "qwen2.5-7b-yarn": dict(SHAPES["qwen2.5-7b"], config_overrides=dict(
         SHAPES["qwen2.5-7b"]["config_overrides"],
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})),
     "llama-3.1-8b-linear": dict(SHAPES["llama-3.1-8b"], config_overrides=dict(
         SHAPES["llama-3.1-8b"]["config_overrides"], rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "llama-3.1-8b-biases": dict(SHAPES["llama-3.1-8b"], config_overrides=dict(
+        SHAPES["llama-3.1-8b"]["config_overrides"], attention_bias=True, mlp_bias=True)),
 }
 REDUCED = dict(hidden=256, ffn=512, layers=2)
 # Wide enough init that attention is far from uniform: RoPE then shapes the logits.
@@ -71,14 +73,14 @@ VLLM_PROMPT_LEN, VLLM_NEW = 480, 8
 
 
 def build_shape(root: str, name: str, seed: int = 0) -> str:
-    spec = {**SHAPES, **ROPE_VARIANTS}[name]
+    spec = {**SHAPES, **VARIANTS}[name]
     return str(ensure_tiny_assets(root, seed=seed, **{"init_std": INIT_STD, **REDUCED, **spec}).model_dir)
 
 
 @pytest.fixture(scope="module")
 def shape_dirs(tmp_path_factory):
     root = os.environ.get("CHATLEARN_TEST_ASSETS") or str(tmp_path_factory.mktemp("assets"))
-    return {name: build_shape(root, name) for name in [*SHAPES, *ROPE_VARIANTS]}
+    return {name: build_shape(root, name) for name in [*SHAPES, *VARIANTS]}
 
 
 def hf_logits(model_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
@@ -169,7 +171,7 @@ def test_tp2_round_trip_and_logits_match_transformers(tp2_results):
     qk-norm they are not."""
     errors, _ = tp2_results
     print("max |logits - transformers|:", errors)
-    assert sorted(errors) == sorted([*SHAPES, *ROPE_VARIANTS])
+    assert sorted(errors) == sorted([*SHAPES, *VARIANTS])
     for name, result in errors.items():
         for layout in ("tp2", "pp2"):
             assert result[layout] < LOGITS_TOL, f"{name}: {layout} logits differ from transformers by {result[layout]}"
@@ -177,7 +179,7 @@ def test_tp2_round_trip_and_logits_match_transformers(tp2_results):
             if dropped in result:
                 assert result[dropped] > 10 * LOGITS_TOL, f"{name}: {dropped} goes unnoticed ({result[dropped]})"
     assert {n for n, r in errors.items() if "no_rope_scaling" in r} == {
-        "llama-3.1-8b", "llama-3.2-1b", *ROPE_VARIANTS}
+        "llama-3.1-8b", "llama-3.2-1b", "qwen2.5-7b-yarn", "llama-3.1-8b-linear", "llama-3.1-8b-biases"}
     assert {n for n, r in errors.items() if "no_qk_norm" in r} == {"qwen3-8b", "qwen3-0.6b"}
 
 
@@ -197,7 +199,7 @@ def vllm_env():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("name", [*SHAPES, *(pytest.param(n, marks=pytest.mark.slow) for n in ROPE_VARIANTS)])
+@pytest.mark.parametrize("name", [*SHAPES, *(pytest.param(n, marks=pytest.mark.slow) for n in VARIANTS)])
 def test_sync_into_vllm_then_greedy_equals_transformers(name, tp2_results, shape_dirs, vllm_env, tmp_path_factory):
     """vLLM starts from other weights (another seed); the Megatron TP2 export, bucketed as the
     synchronizer sends it, makes its greedy tokens and log-probs on a long prompt those of
