@@ -187,8 +187,9 @@ KEYS: dict[str, tuple[Rule, ...]] = {
     "transformer_impl": (_fixed("local", "the local layer spec is used, not Transformer Engine (same model)"),),
     "use_legacy_models": (_fixed(False, "models are megatron-core GPTModels (the same Llama as the legacy "
                                         "Megatron-LM model)"),),
-    "use_flash_attn": (_fixed(False, "attention is megatron-core's local DotProductAttention, not "
-                                     "FlashAttention (same results)"),),
+    "use_flash_attn": (_mapped("attention_backend", lambda v: "sdpa" if _truthy(v) else "local",
+                               why="true: torch SDPA (FlashAttention on GPU), false: megatron-core's "
+                                   "DotProductAttention; the same results"),),
     "masked_softmax_fusion": (_fixed(False, "the attention softmax is not fused"),),
     "gradient_accumulation_fusion": (_fixed(False, "gradients accumulate without the fused kernel",
                                             train_only=True),),

@@ -343,9 +343,16 @@ def rope_model_kwargs(arch: HFArch) -> dict[str, Any]:
     return kwargs
 
 
-def build_gpt_model(hf_config: Union[dict, Any], config, vp_stage: Optional[int] = None) -> torch.nn.Module:
+ATTENTION_BACKENDS = ("sdpa", "local")
+
+
+def build_gpt_model(hf_config: Union[dict, Any], config, vp_stage: Optional[int] = None,
+                    attention_backend: str = "sdpa") -> torch.nn.Module:
     """This rank's GPTModel stage (megatron parallel state must be initialized).
 
+    The layers are megatron-core's local spec; ``attention_backend`` picks the
+    core attention: ``sdpa`` (:class:`SDPAttention`, torch's fused kernels,
+    FlashAttention on GPU) or ``local`` (megatron-core's ``DotProductAttention``).
     On GPU a bf16/fp16 model is wrapped in ``Float16Module`` (fp32 inputs and
     outputs around half-precision compute).
     """
@@ -353,12 +360,18 @@ def build_gpt_model(hf_config: Union[dict, Any], config, vp_stage: Optional[int]
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from chatlearn.models.megatron.attention import SDPAttention
+
     arch = hf_arch(hf_config)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+    if attention_backend == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     with cpu_compat.cpu_device_mode():
         model = GPTModel(
             config=config,
-            transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm",
-                                                            qk_layernorm=config.qk_layernorm),
+            transformer_layer_spec=spec,
             vocab_size=arch.vocab_size,
             max_sequence_length=arch.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(),

@@ -28,8 +28,8 @@ from chatlearn.models.base import BaseModule
 from chatlearn.models.megatron import cpu_compat, dist_ckpt
 from chatlearn.models.megatron.hf_convert import export_hf_state_dict, load_hf_weights, save_hf_checkpoint
 from chatlearn.models.megatron.lora import convert_layer_to_lora
-from chatlearn.models.megatron.model import (build_gpt_model, hf_arch, load_hf_config, optimizer_parts,
-                                             transformer_config_from_hf, unwrap)
+from chatlearn.models.megatron.model import (ATTENTION_BACKENDS, build_gpt_model, hf_arch, load_hf_config,
+                                             optimizer_parts, transformer_config_from_hf, unwrap)
 from chatlearn.models.megatron.parallel import initialize_parallel_state
 from chatlearn.models.megatron.schedule import forward_logits, forward_logprobs, pad_micro_batches, run_micro_batches
 from chatlearn.models.offload import HostOffload, model_tensors, offload_target_available
@@ -80,6 +80,9 @@ class MegatronSettings:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
+    # Core attention: "sdpa" (torch's scaled_dot_product_attention: FlashAttention on GPU) or
+    # "local" (megatron-core's DotProductAttention, which materialises the s x s scores).
+    attention_backend: str = "sdpa"
 
     @classmethod
     def from_args(cls, module_args: Any, model_args: dict, name: str = "", log_warnings: bool = False,
@@ -184,10 +187,13 @@ class MegatronModule(BaseModule):
                              f"pp={self.worker.pp_size}, settings say tp={s.tp} pp={s.pp}")
         # Read and validate the config before touching distributed state, so a
         # bad path or layout fails fast with a clear message on every rank.
+        if s.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"model {self.name!r}: attention_backend must be one of {ATTENTION_BACKENDS}, "
+                             f"got {s.attention_backend!r}")
         self.hf_config = load_hf_config(s.load)
         self.config = transformer_config_from_hf(self.hf_config, s.tp, s.pp, **s.transformer_overrides())
         initialize_parallel_state(s.tp, s.pp, seed=s.seed)
-        model = build_gpt_model(self.hf_config, self.config)
+        model = build_gpt_model(self.hf_config, self.config, attention_backend=s.attention_backend)
         load_hf_weights(model, self.hf_config, s.load)
         if s.lora_rank:
             convert_layer_to_lora(model, s.lora_rank, s.lora_scaling * s.lora_rank, s.lora_targets, seed=s.seed)
