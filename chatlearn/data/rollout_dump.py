@@ -17,7 +17,8 @@ def rollout_record(sample: Mapping[str, Any], index: int, episode: int, policy_v
     """The record of one rollout (a sample of the environment flow's output).
 
     ``prompt`` and ``response`` (when the sample has them: ``prompt`` as the record gave
-    it, text or a list of chat messages, else its ``messages``; ``response_text``), ``prompt_ids``, ``response_ids``, ``logprobs`` (per response
+    it, text or a list of chat messages, else its ``messages``; ``response_text``),
+    ``prompt_ids``, ``response_ids``, ``logprobs`` (per response
     token, of the distribution it was sampled from: the sampler's
     ``behaviour_logprobs``/``old_logprobs``), ``reward`` (``scores``), ``advantage``
     (per response token, when the rollout processor computed advantages) and
