@@ -179,6 +179,7 @@ def test_vllm_keys_are_checked_and_left_untouched(tmp_path):
         use_beam_search: 1
         max_new_tokens: 0
         weight_loader: load_weight
+        apply_chat_template: "yes"
         my_megatron_arg: anything
         """}
     text = OK_MODELS.replace("num_cpu: 2\n  ppo", "num_cpu: 2\n    model_config_file: gen.yaml\n  ppo")
@@ -194,10 +195,12 @@ def test_vllm_keys_are_checked_and_left_untouched(tmp_path):
         f"{key}.use_beam_search: expected bool, got 1 (int)",
         f"{key}.max_new_tokens: expected >= 1, got 0",
         f"{key}.weight_loader: expected one of 'auto', 'reload_weights', 'load_weights', got 'load_weight'",
+        f"{key}.apply_chat_template: expected bool, got 'yes' (str)",
     ]
-    (tmp_path / "gen.yaml").write_text("top_p: 1\ntemperature: 0\nmy_arg: x\n")
+    (tmp_path / "gen.yaml").write_text("top_p: 1\ntemperature: 0\nmy_arg: x\napply_chat_template: true\n")
     cfg = load_config(tmp_path / "rlhf.yaml")
-    assert cfg.models["policy"].args_dict == {"top_p": 1, "temperature": 0, "my_arg": "x"}  # as written
+    assert cfg.models["policy"].args_dict == {"top_p": 1, "temperature": 0, "my_arg": "x",
+                                              "apply_chat_template": True}  # as written
 
 
 # ------------------------------------------------------------------------ ranges

@@ -1,4 +1,7 @@
-from chatlearn.data.prompts import PromptDataset, filter_min_prompt_length, rank_by_length
+import pytest
+
+from chatlearn.data.prompts import (PromptDataset, check_conversation, default_prompt_length, filter_min_prompt_length,
+                                    is_conversation, rank_by_length)
 
 
 def test_no_shuffle_cycles_in_file_order():
@@ -40,3 +43,29 @@ def test_rank_and_filter():
     assert filter_min_prompt_length(tokenized, 2) == [{"input_ids": [1, 2, 3]}]
     assert filter_min_prompt_length(prompts, 0) == prompts
     assert filter_min_prompt_length(prompts, 3, length_fn=lambda p: len(p) + 1) == ["ccc", "bb", "dddd"]
+
+
+SYSTEM = {"role": "system", "content": "Compute the sum."}  # 16 characters
+
+
+def test_conversation_lengths_rank_and_filter():
+    chat = [SYSTEM, {"role": "user", "content": "4+18="}]  # 16 + 5 characters of contents
+    records = [{"prompt": "8-3="}, {"prompt": chat}, {"messages": [{"role": "user", "content": "12+7=?"}]},
+               {"messages": None, "prompt": "1+1=1+1="}, {"prompt_ids": [1, 5, 6]}]
+    # Characters of the contents (no tokenizer in the driver), never the number of messages.
+    assert [default_prompt_length(r) for r in records] == [4, 21, 6, 8, 3]
+    assert default_prompt_length(chat) == 21 and default_prompt_length(("a", "b")) == 2
+    assert rank_by_length(records) == [records[4], records[0], records[2], records[3], records[1]]
+    assert filter_min_prompt_length(records, 5) == records[1:4]
+    assert is_conversation(chat) and not is_conversation([]) and not is_conversation([1, 2])
+
+
+def test_check_conversation_names_the_fault():
+    assert check_conversation((SYSTEM,), "r") == [SYSTEM]
+    cases = [("not a list", "a conversation must be a list"), ([], "the conversation has no messages"),
+             ([SYSTEM, {"role": "user"}], "message 1 must be a dict with string 'role' and 'content'"),
+             ([SYSTEM, {"role": "user", "content": 5}], "message 1"),
+             (["user: hi"], "message 0 .*'user: hi'"), ([1, 5, 6], r"message 0 .*token ids go in `prompt_ids`")]
+    for value, match in cases:
+        with pytest.raises(ValueError, match=f"^prompt record 7: {match}"):
+            check_conversation(value, "prompt record 7")

@@ -251,6 +251,9 @@ class VLLMArgs:
     # run samples exactly what the uninterrupted one did (cost measured on an H200: none visible,
     # benchmarks/RESULTS.md).
     request_seeds: bool = True
+    # Render each plain-text prompt as one user message with the tokenizer's chat template
+    # (conversation prompts are always rendered with it).
+    apply_chat_template: bool = False
 
 
 def config_to_dict(cfg: ChatLearnConfig, internal: bool = False) -> dict:

@@ -103,16 +103,60 @@ class PromptDataset:
         self._order = self._order_for_pass(self._pass)
 
 
+# The field of a prompt record that holds a conversation (a list of chat messages).
+MESSAGES_KEY = "messages"
+
+
+def is_conversation(value: Any) -> bool:
+    """Whether a prompt is given as chat messages: a list (or tuple) of dicts.
+
+    Only the shape is looked at; ``check_conversation`` says what is wrong with one.
+    """
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(m, Mapping) for m in value)
+
+
+def check_conversation(value: Any, where: str) -> list[dict[str, str]]:
+    """``value`` as a list of ``{"role": str, "content": str}`` messages, or a ValueError that
+    names ``where`` (e.g. ``"prompt record 3"``) and the message at fault."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: a conversation must be a list of {{'role': ..., 'content': ...}} messages, "
+                         f"got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{where}: the conversation has no messages")
+    messages = []
+    for j, message in enumerate(value):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            shown = repr(message)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            hint = " (token ids go in `prompt_ids`)" if isinstance(message, int) else ""
+            raise ValueError(f"{where}: message {j} must be a dict with string 'role' and 'content', got "
+                             f"{shown}{hint}")
+        messages.append(dict(message))
+    return messages
+
+
+def conversation_length(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Characters of a conversation's message contents (roles and template markup not counted):
+    the same measure as a plain-text prompt's, known without a tokenizer."""
+    return sum(len(str(m.get("content", ""))) for m in messages)
+
+
 def default_prompt_length(prompt: Any) -> int:
     """Length of a prompt: token count when tokenized, else character count.
 
-    Strings, lists, tuples and 1-D tensors use ``len``; dicts use the first of
-    ``TOKEN_KEYS`` present, falling back to a ``"prompt"`` string.
+    Strings, lists, tuples and 1-D tensors use ``len``; a conversation (a list of
+    message dicts) counts the characters of its contents (``conversation_length``).
+    Dicts use the first of ``TOKEN_KEYS`` present, then a ``"messages"``
+    conversation, then ``"prompt"`` (text or conversation): the order in which the
+    vLLM policy picks the prompt it generates from.
     """
     if isinstance(prompt, Mapping):
         for key in TOKEN_KEYS:
             if key in prompt:
                 return _len(prompt[key])
+        if prompt.get(MESSAGES_KEY) is not None:
+            return _len(prompt[MESSAGES_KEY])
         if "prompt" in prompt:
             return _len(prompt["prompt"])
         raise TypeError(
@@ -124,6 +168,8 @@ def default_prompt_length(prompt: Any) -> int:
 def _len(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         return int(value.shape[-1]) if value.dim() else 1
+    if is_conversation(value):
+        return conversation_length(value)
     return len(value)
 
 

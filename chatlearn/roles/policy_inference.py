@@ -9,13 +9,13 @@ class PolicyInference(VLLMModule):
     default, for evaluation (``eval_forward``). Sampling keys come from the model's
     YAML (``n``, ``temperature``, ``top_p``, ``max_new_tokens``, ...; docs/vllm.md).
 
-    A prompt sample is ``{"prompt": text, ...}``; its other keys (an ``answer``, say)
-    travel with each response to the reward. ``prompt_key`` (ChatLearn 1.x's example
-    key) names another field of the data records that holds the prompt text.
+    A prompt sample is ``{"prompt": text, ...}`` (or a conversation: docs/data.md, "Prompt
+    formats"); its other keys (an ``answer``, say) travel with each response to the reward.
+    ``prompt_key`` (ChatLearn 1.x's example key) names another field of the data records
+    that holds the prompt.
     """
 
-    def build_dataset(self, prompts: list, is_eval: bool = False):
-        samples = super().build_dataset(prompts, is_eval)
+    def _with_prompt_field(self, samples: list) -> list:
         key = self.model_args.get("prompt_key")
         if not key or key == "prompt":
             return samples

@@ -146,14 +146,18 @@ def greedy_accuracy(model_dir: str, examples: list[dict]) -> float:
 
     from arithmetic import arithmetic_reward
 
+    from chatlearn.models.vllm_module import eos_token_ids, fallback_pad_token_id
+
     hf_logging.disable_progress_bar()  # a bar per tiny checkpoint load would cut into the report
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # Stop where the vLLM policy stops: on every EOS id of generation_config.json, not only the tokenizer's.
+    eos = eos_token_ids(tokenizer, model.generation_config.to_dict())
     correct = 0.0
     for ex in examples:
         ids = torch.tensor([tokenizer(ex["prompt"]).input_ids])
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                             pad_token_id=fallback_pad_token_id(tokenizer, eos))
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         correct += arithmetic_reward({"response_text": text, "answer": ex["answer"]})
     return correct / len(examples)

@@ -55,6 +55,8 @@ class MegatronSettings:
     adam_beta2: float = 0.999
     use_distributed_optimizer: bool = False
     seed: int = 1234
+    # Fills input_ids past a row's end only (pad_micro_batches): the losses count loss_mask / seq_lens,
+    # never ids != pad, so any id works, also for a tokenizer without a pad token (Llama 3).
     pad_token_id: int = 0
     forward_micro_batch_size: int = 0  # forward_step splits its batch into these; 0: one micro-batch
     lora_rank: int = 0                 # > 0: train LoRA factors only (lora.py)
