@@ -453,3 +453,28 @@ def test_generation_throughput(policy, record_property):
     record_property("vllm_numbers", numbers)
     print(f"vLLM tiny llama: {numbers}")
 
+
+
+def test_response_text_equals_vllms_own_detokenisation(policy):
+    """Without stop strings vLLM does not detokenise (sampling_kwargs: it would decode every
+    log-prob entry too); the module decodes each response once. The text must be what vLLM's
+    own detokeniser gives for the same sampled tokens, special tokens (EOS) skipped."""
+    from vllm import SamplingParams
+
+    policy._model_args_override = {**policy.model_args, "temperature": 1.0, "max_new_tokens": 24, "ignore_eos": True}
+    prompts = arithmetic_prompts(policy.tokenizer, 8, seed=5)
+    seeds = list(range(100, 108))
+    out = policy.forward_step({"prompt_ids": prompts, "request_seed": seeds}, 0)
+    kwargs = [sampling_kwargs(policy.model_args, prompt_len=len(p), max_model_len=policy.max_model_len) for p in prompts]
+    assert all(kw["detokenize"] is False for kw in kwargs)
+    reference = policy.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                    [SamplingParams(**{**kw, "detokenize": True, "seed": s})
+                                     for kw, s in zip(kwargs, seeds)], use_tqdm=False)
+    for row, request in enumerate(reference):
+        sample = request.outputs[0]
+        assert list(sample.token_ids) == out["response_ids"][row]  # the same draw
+        assert sample.text == out["response_text"][row]
+    assert any(text for text in out["response_text"])
+    # With a stop string vLLM's detokeniser runs (it matches the text).
+    assert "detokenize" not in sampling_kwargs({**policy.model_args, "stop_token_list": "1"})
+    assert "detokenize" not in sampling_kwargs({**policy.model_args, "skip_special_tokens": False})

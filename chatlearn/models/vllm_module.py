@@ -135,6 +135,12 @@ def sampling_kwargs(
     )
     if stop_strings:
         kwargs["stop"] = stop_strings
+    elif args.get("skip_special_tokens") is None:
+        # The response text is decoded once per response (VLLMModule.generate) instead of by
+        # vLLM's detokeniser, which with log-probs also decodes every log-prob entry: on an
+        # H200 that cost generation 36% of its speed (benchmarks/vllm_generation.py). Stop
+        # strings need vLLM's detokeniser; so does text with special tokens kept (its spacing).
+        kwargs["detokenize"] = False
     if stop_ids:
         kwargs["stop_token_ids"] = stop_ids
     if args.get("prompt_logprobs") is not None:
@@ -706,6 +712,7 @@ class VLLMModule(BaseModule):
                                     [SamplingParams(**kw) for kw in kwargs], use_tqdm=False)
         seconds = time.perf_counter() - start
         completions = [[self._completion(out, c) for c in out.outputs] for out in outputs]
+        self._decode_texts(completions, kwargs)
         new_tokens = sum(len(c["token_ids"]) for group in completions for c in group)
         self.timings.update(generate_s=seconds, generated_tokens=float(new_tokens))
         batch = build_rollout_batch(data, prompts, completions, self.pad_token_id)
@@ -723,6 +730,15 @@ class VLLMModule(BaseModule):
         if len(seeds) != num_prompts:
             raise ValueError(f"request_seed has {len(seeds)} entries for {num_prompts} prompts")
         return [int(x) for x in seeds]
+
+    def _decode_texts(self, completions: list[list[dict[str, Any]]], kwargs: Sequence[Mapping[str, Any]]) -> None:
+        """Text of the responses vLLM did not detokenise (``sampling_kwargs``): one batched
+        decode, special tokens skipped, as vLLM's default detokenisation gives it."""
+        rows = [c for group, kw in zip(completions, kwargs) if kw.get("detokenize", True) is False for c in group]
+        if rows:
+            texts = self.tokenizer.batch_decode([c["token_ids"] for c in rows], skip_special_tokens=True)
+            for c, text in zip(rows, texts):
+                c["text"] = text
 
     @staticmethod
     def _completion(request_output: Any, completion: Any) -> dict[str, Any]:
