@@ -589,8 +589,12 @@ class VLLMModule(BaseModule):
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
 
         start = time.perf_counter()
-        from vllm import LLM
+        from vllm import LLM, envs
 
+        # vLLM caches its environment variables once an engine has started in this process
+        # (envs.enable_envs_cache, v1/engine/core.py): a second engine here would not see
+        # the ones set above (a TP-2 engine after an in-process one kept "auto" thread binding).
+        getattr(envs, "disable_envs_cache", lambda: None)()
         imported = time.perf_counter()
         kwargs = engine_kwargs(self.model_args, tensor_parallel_size=tp, on_gpu=on_gpu,
                                seed=self._default_seed(), **self._review_context())
