@@ -36,7 +36,6 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family(qkv_bias=True, qk_norm=False, attention_bias_key="", mlp_bias_key="", head_dim_key=False),
     "qwen3": Family(qkv_bias=False, qk_norm=True, attention_bias_key="attention_bias", mlp_bias_key=""),
 }
-SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 # megatron-core's llama3 RoPE scaling takes only the factor; these three are fixed
 # in RotaryEmbedding._apply_scaling (0.16), so a checkpoint must use the same values.
