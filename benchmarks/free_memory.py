@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.megatron_train import benchmark_model  # noqa: E402
-from benchmarks.results_md import machine_name, update_results_section  # noqa: E402
+from benchmarks.results_md import command_line, machine_name, save_results, update_results_section  # noqa: E402
 
 GIB = 2**30
 
@@ -175,11 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
     table = ("| model | GPU GiB in use | offloaded | back | offload s, first / later | onload s, first / later "
              "| check |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     print(table)
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     tag = args.device + ("_quick" if args.quick else "")
-    with open(os.path.join(ROOT, "benchmarks", "results", f"free_memory_{tag}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    cmd = "python benchmarks/free_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    save_results(f"free_memory_{tag}", result)
+    cmd = command_line("free_memory.py", argv)
     update_results_section(
         f"free_memory ({tag})",
         f"Machine: {result['machine']}. Command: `{cmd}`. {shape_name}; GPU memory in use is the whole "

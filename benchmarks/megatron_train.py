@@ -31,7 +31,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.results_md import machine_name, update_results_section  # noqa: E402
+from benchmarks.results_md import command_line, machine_name, save_results, update_results_section  # noqa: E402
 
 QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
@@ -210,11 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
         table += "\n\n" + "; ".join(f"{r['attention_backend']}: {base['step_s'] / r['step_s']:.2f}x the speed of "
                                      f"{base['attention_backend']}" for r in results[:-1])
     print(table)
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     tag = f"{args.device}_tp{args.tp}" + ("_quick" if args.quick else f"_{args.model}")
-    with open(os.path.join(ROOT, "benchmarks", "results", f"megatron_train_{tag}.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    cmd = "python benchmarks/megatron_train.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    save_results(f"megatron_train_{tag}", results)
+    cmd = command_line("megatron_train.py", argv)
     peak_text = f"; measured bf16 matmul peak {peak:.0f} TFLOP/s (8192^3)" if peak else ""
     update_results_section(f"Megatron training ({tag})",
                            f"Machine: {results[0]['machine']}. Command: `{cmd}`. Adam, fixed random batch, "

@@ -22,7 +22,6 @@ median generated tokens/s and the ratio to ``no logprobs``. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.results_md import machine_name, update_results_section  # noqa: E402
+from benchmarks.results_md import command_line, machine_name, save_results, update_results_section  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "no logprobs": dict(logprobs=None),
@@ -121,11 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     machine = machine_name(args.device)
     result = dict(model=name, device=args.device, machine=machine, prompts=args.prompts, prompt_len=args.prompt_len,
                   new_tokens=args.new_tokens, repeats=args.repeats, runs=runs, median_tok_s=rates, skipped=skipped)
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     tag = args.device + ("_quick" if args.quick else "")
-    with open(os.path.join(ROOT, "benchmarks", "results", f"vllm_generation_{tag}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    cmd = "python benchmarks/vllm_generation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    save_results(f"vllm_generation_{tag}", result)
+    cmd = command_line("vllm_generation.py", argv)
     note = f" Not offered by this vLLM: {', '.join(skipped)}." if skipped else ""
     update_results_section(f"vLLM generation: the cost of log-probs and text ({tag})",
                            f"Machine: {machine}. Command: `{cmd}`. {name}, {args.prompts} prompts of "
