@@ -25,6 +25,7 @@ import torch
 
 from chatlearn.utils.launch import spawn
 from chatlearn.utils.tiny_assets import ensure_tiny_assets
+from tests.test_vllm_module import _Side, hf_greedy, in_process_vllm_env
 
 
 def llama3_rope(factor: float) -> dict:
@@ -185,18 +186,9 @@ def test_tp2_round_trip_and_logits_match_transformers(tp2_results):
 
 @pytest.fixture(scope="module")
 def vllm_env():
-    """vLLM in process, on a little KV cache; restores the environment and torch's threads."""
     pytest.importorskip("vllm")
-    saved_env = os.environ.copy()
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        # The in-process CPU worker replaces torch.set_num_threads with a no-op.
-        mp.setattr(torch, "set_num_threads", torch.set_num_threads)
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    with in_process_vllm_env():
         yield
-    os.environ.clear()
-    os.environ.update(saved_env)
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", [*SHAPES, *(pytest.param(n, marks=pytest.mark.slow) for n in VARIANTS)])
@@ -234,27 +226,11 @@ def test_sync_into_vllm_then_greedy_equals_transformers(name, tp2_results, shape
         module.shutdown()
 
     model = AutoModelForCausalLM.from_pretrained(shape_dirs[name], dtype=torch.float32).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=VLLM_NEW,
-                             min_new_tokens=VLLM_NEW, output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=0)
-    want = out.sequences[0, len(prompt):].tolist()
-    want_logprobs = [torch.log_softmax(step[0], -1)[tok].item() for step, tok in zip(out.logits, want)]
+    want, want_logprobs = hf_greedy(model, prompt, VLLM_NEW)
     got = after["response_ids"][0]
-    assert got == want[:len(got)] and len(got) >= 1, f"{name}: vLLM {got} != transformers {want}"
+    assert got == want and len(got) >= 1, f"{name}: vLLM {got} != transformers {want}"
     got_logprobs = after["old_logprobs"][0, len(prompt):len(prompt) + len(got)].tolist()
-    assert got_logprobs == pytest.approx(want_logprobs[:len(got)], abs=1e-4)
+    assert got_logprobs == pytest.approx(want_logprobs, abs=1e-4)
     before_logprobs = before["old_logprobs"][0, len(prompt):len(prompt) + len(before["response_ids"][0])]
     assert before["response_ids"][0] != got or before_logprobs.tolist() != pytest.approx(got_logprobs, abs=1e-3)
 
-
-class _Side:
-    """The part of DistModel that ParameterSynchronizer.validate uses, for one in-process side."""
-
-    def __init__(self, name, checksums):
-        self.name, self._checksums = name, checksums
-
-    def call_output_ranks(self, method):
-        assert method == "parameter_checksums"
-        return [self._checksums()]

@@ -5,6 +5,7 @@ shares ONE in-process engine per test module (each costs ~2-3 GB and ~4 s).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from types import SimpleNamespace
@@ -160,23 +161,31 @@ def base_args(assets) -> dict:
                 seed=0, temperature=0.0, new_token_limit=True, max_new_tokens=MAX_NEW)
 
 
-@pytest.fixture(scope="module")
-def engine(assets):
-    """A set-up VLLMModule; restores the environment and torch's threads afterwards."""
+@contextlib.contextmanager
+def in_process_vllm_env():
+    """For in-process engines in this pytest process: restores the environment and torch's
+    threads afterwards."""
     saved_env = os.environ.copy()
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         # The in-process CPU worker replaces torch.set_num_threads with a no-op.
         mp.setattr(torch, "set_num_threads", torch.set_num_threads)
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+        yield
+    os.environ.clear()
+    os.environ.update(saved_env)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine(assets):
+    """A set-up VLLMModule; restores the environment and torch's threads afterwards."""
+    with in_process_vllm_env():
         module = VLLMModule("policy", model_args=base_args(assets))
         module.setup()
         original = module.named_parameters_for_sync()
         yield SimpleNamespace(module=module, original=original, assets=assets)
         module.shutdown()
-    os.environ.clear()
-    os.environ.update(saved_env)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
