@@ -63,6 +63,9 @@ SHAPES: dict[str, dict[str, Any]] = {
                        tie=True, max_pos=4096),
     "qwen2-1.5b": dict(arch="qwen2", hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=151936,
                        tie=True, max_pos=4096),
+    # For trying a benchmark out on CPU (e2e_gpu.py --quick).
+    "qwen2-tiny": dict(arch="qwen2", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256, vocab=512,
+                       tie=True, max_pos=1024),
 }
 DEFAULT_MODELS = {"cpu": ["llama-100m", "qwen2-400m"], "gpu": ["qwen2-0.5b", "qwen2-1.5b"]}
 

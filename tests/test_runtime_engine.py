@@ -352,6 +352,41 @@ def test_free_memory_offloads_idle_colocated_model(ray_session, toy_env, monkeyp
     assert len(gen_iterations) == 8
 
 
+class AlonePolicy(ToyPolicy):
+    """A policy that must be set up on its own, as vLLM is."""
+    sets_up_alone = True
+
+
+def test_start_up_sets_up_alone_models_first_then_the_rest_together(ray_session, toy_env, monkeypatch):
+    monkeypatch.setenv("num_episode", "2")
+    (toy_env / "setup.yaml").write_text("includes:\n  - toy_base.yaml\nsetup_sleep_s: 1.5\n")
+    chatlearn.init(CONFIG)
+    for name in ("reference", "value"):  # slow set-ups: overlapping them shows they ran together
+        chatlearn.get_args().models[name].model_config_file = str(toy_env / "setup.yaml")
+    engine = RLHFEngine(AlonePolicy("policy"), ToyReference("reference"), ToyReward("reward"), ToyValue("value"),
+                        ToyTrainer("ppo_policy"), ToyTrainer("ppo_value"), compute_advantages=False)
+    engine.set_dataset(make_prompts(40))
+    history = engine.learn()
+
+    spans = {name: [json.loads(line) for line in (toy_env / "records" / f"{name}.setup.jsonl").read_text().splitlines()]
+             for name in ("policy", "reference", "value", "ppo_policy", "ppo_value")}
+    policy_done = max(r["ended"] for r in spans["policy"])
+    others = [r for name, rs in spans.items() if name != "policy" for r in rs]
+    assert all(r["began"] >= policy_done for r in others)  # the alone model first, by itself
+    # reference and value (1.5 s each) were set up at the same time, not one after the other.
+    ref, value = spans["reference"][0], spans["value"][0]
+    assert ref["began"] < value["ended"] and value["began"] < ref["ended"]
+    first, second = history
+    rest = "setup." + "+".join(n for n in engine.models if n != "policy") + "_s"
+    assert {"startup/ray_s", "startup/workers_s", "startup/setup.policy_s", f"startup/{rest}",
+            "startup/total_s"} <= set(first)
+    assert first[f"startup/{rest}"] >= 1.5
+    assert first["startup/total_s"] >= first["startup/setup.policy_s"] + first[f"startup/{rest}"]
+    assert not any(k.startswith("startup/") for k in second)
+    for m in history:
+        assert m["time/episode"] >= m["time/environment"] + m["time/train"] + m["time/sync"]
+
+
 def test_train_batch_gives_every_data_parallel_rank_the_same_micro_batches():
     """Megatron's DP ranks pair their collectives: equal micro-batch counts and shapes; a short
     batch is padded with rows that weigh nothing, never trimmed."""

@@ -501,6 +501,9 @@ class VLLMModule(BaseModule):
     # vLLM engine; vLLM spreads tensor parallelism over its own worker
     # processes, so one actor per rank would start tp engines.
     one_actor_per_replica = True
+    # vLLM sizes its KV cache from the device memory free while it starts: other roles
+    # loading at the same time would shrink it (or fail its start), so start-up sets it up alone.
+    sets_up_alone = True
 
     def __init__(self, name: str, model_args: Optional[dict[str, Any]] = None):
         super().__init__(name)

@@ -145,9 +145,11 @@ class DistModel:
                 refs.append(self._track(w, "init_distributed", w.actor.init_distributed.remote(addr, port, timeout_s)))
         return refs
 
-    def setup(self, timeout_s: float) -> None:
-        refs = [self._track(w, "setup", w.actor.setup.remote()) for w in self.workers]
-        infos = self.tracker.get(refs, timeout_s)
+    def start_setup(self) -> list[ray.ObjectRef]:
+        """Every rank's ``setup()``, started; pass their results to ``finish_setup``."""
+        return [self._track(w, "setup", w.actor.setup.remote()) for w in self.workers]
+
+    def finish_setup(self, infos: list[dict]) -> None:
         for w, info in zip(self.workers, infos):
             w.dp_rank, w.is_output_rank = info["dp_rank"], info["is_output_rank"]
             self.padding_config.update(info["padding_config"])

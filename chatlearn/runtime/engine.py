@@ -124,6 +124,8 @@ class Engine:
         self._progress: Optional[Progress] = None
         self.initial_eval: dict[str, float] = {}  # evaluation before the first episode
         self.start_episode = 0
+        # Seconds of each start-up part (``startup/<part>_s`` in the first episode's metrics).
+        self.startup_times: dict[str, float] = {}
         self._resume_from: Optional[tuple[int, str]] = None  # (episode, checkpoint dir)
         self._steps_this_episode = 0
         self._skipped_this_episode = 0
@@ -280,6 +282,7 @@ class Engine:
         # Ordering: placement needs Ray; workers need the placement group; setup()
         # needs torch.distributed; resume needs set-up workers; the first sync
         # needs both sides of each pair loaded.
+        began = time.perf_counter()
         self._configure_logging()
         self._check_relay()
         self._check_resume_settings()
@@ -288,6 +291,9 @@ class Engine:
         self._setup_data()
         self._setup_output()
         self._maybe_resume()
+        self.startup_times["total"] = time.perf_counter() - began
+        logger.info("start-up took %.1f s: %s", self.startup_times["total"],
+                    ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_times.items() if k != "total"))
 
     def _configure_logging(self) -> None:
         """runtime.debug: DEBUG logging and every dependency message; else their noise filtered."""
@@ -296,11 +302,13 @@ class Engine:
         quiet_dependencies(verbose=self.runtime.debug)
 
     def _start_models(self) -> None:
+        began = time.perf_counter()
         self._cluster = start_cluster(self.config)
         self.placement = self._cluster.placement
+        self.startup_times["ray"] = time.perf_counter() - began
         env = worker_env(self.config, {STORE_ENV: self._store_name,
                                        RESUME_ENV: "1" if self._resume_from is not None else "0"})
-        create_models(self.models, self._cluster, self.config, self.tracker, env, self.dist)
+        create_models(self.models, self._cluster, self.config, self.tracker, env, self.dist, self.startup_times)
         self.running = True
         self._check_weightless_sync_pairs()
         for d in self.dist.values():
@@ -384,7 +392,11 @@ class Engine:
                                   interval_s=self.runtime.progress_interval_s, verbose=self.runtime.debug)
         try:
             for episode in episodes:
+                began = time.perf_counter()
                 metrics = self._run_episode(episode)
+                metrics["time/episode"] = time.perf_counter() - began
+                if episode == self.start_episode:
+                    metrics.update({f"startup/{part}_s": s for part, s in self.startup_times.items()})
                 self.history.append(metrics)
                 self._metrics.write(episode, metrics)
                 self._progress.episode_done(episode, metrics)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from chatlearn.config.placement import Placement
 from chatlearn.config.schema import ChatLearnConfig, RuntimeEnvConfig
@@ -118,11 +119,15 @@ def worker_env(config: ChatLearnConfig, extra: dict[str, str]) -> dict[str, str]
 
 
 def create_models(models: dict[str, BaseModule], cluster: Cluster, config: ChatLearnConfig,
-                  tracker: CallTracker, env: dict[str, str], dist: dict[str, DistModel]) -> None:
+                  tracker: CallTracker, env: dict[str, str], dist: dict[str, DistModel],
+                  seconds: Optional[dict[str, float]] = None) -> None:
     """One ``DistModel`` per model on its planned bundles, put in ``dist`` as soon as its
     workers exist (so that a failure later leaves them there for the engine's shutdown to
     kill): workers started, each replica's torch.distributed group joined, ``init()`` and
-    ``setup()`` run, handles bound."""
+    ``setup()`` run, handles bound. ``seconds`` receives how long each part took
+    (``workers``: processes started and torch.distributed joined; ``setup.<model>``)."""
+    seconds = {} if seconds is None else seconds
+    began = time.perf_counter()
     for name, model in models.items():
         plan = cluster.placement.models[name]
         offset = cluster.bundle_offset[plan.device]
@@ -140,8 +145,20 @@ def create_models(models: dict[str, BaseModule], cluster: Cluster, config: ChatL
         )
         dist[name].create_workers(cluster.placement_group, config, {**env, "CHATLEARN_MODEL": name})
     tracker.get([ref for d in dist.values() for ref in d.init_distributed(STARTUP_TIMEOUT_S)], STARTUP_TIMEOUT_S)
-    for d in dist.values():
-        d.setup(STARTUP_TIMEOUT_S)
-        d.bind()
+    seconds["workers"] = time.perf_counter() - began
+    # A model whose class sets ``sets_up_alone`` (vLLM: it sizes its KV cache from the device
+    # memory free while it starts) is set up on its own, before the others; the rest are set
+    # up together, so start-up takes the longest of them rather than their sum.
+    alone = [name for name in dist if getattr(type(dist[name].module), "sets_up_alone", False)]
+    waves = [[name] for name in alone] + [[name for name in dist if name not in alone]]
+    for wave in filter(None, waves):
+        began = time.perf_counter()
+        refs = {name: dist[name].start_setup() for name in wave}
+        infos = tracker.get([ref for r in refs.values() for ref in r], STARTUP_TIMEOUT_S)
+        for name, r in refs.items():
+            dist[name].finish_setup(infos[:len(r)])
+            dist[name].bind()
+            infos = infos[len(r):]
+        seconds[f"setup.{'+'.join(wave)}"] = time.perf_counter() - began
     logger.info("models set up (replicas x ranks): %s",
                 ", ".join(f"{n} {d.num_replicas}x{d.ranks_per_replica}" for n, d in dist.items()))

@@ -9,7 +9,7 @@ sample counts, order, weight sync and resume. They live with the example toy run
 
 Model args (in the model's ``model_config_file``) that inject faults for tests:
 ``fail_on_iteration: N`` raises in call N (on every rank, or only on rank
-``fail_on_rank`` when that is set); ``sleep_s`` delays every call.
+``fail_on_rank`` when that is set); ``sleep_s`` delays every call, ``setup_sleep_s`` the set-up.
 
 A prompt is ``{"prompt_id": int, "x": tensor[DIM]}``.
 """
@@ -47,6 +47,16 @@ def _record(module: TorchModule, event: dict) -> None:
 
 class _Linear(TorchModule):
     def setup(self) -> None:
+        began = time.time()
+        time.sleep(float(self.model_args.get("setup_sleep_s", 0)))
+        self._setup_model()
+        record_dir = self.model_args.get("record_dir")
+        if record_dir:  # when set-up ran (its own file: the other records are per call)
+            os.makedirs(record_dir, exist_ok=True)
+            with open(os.path.join(record_dir, f"{self.name}.setup.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"rank": self.worker.rank, "began": began, "ended": time.time()}) + "\n")
+
+    def _setup_model(self) -> None:
         torch.manual_seed(self.runtime_args.seed + 1)  # same init for a trainer and its inference twin
         self.model = torch.nn.Linear(DIM, DIM)
         if self.module_args.trainable:

@@ -1,0 +1,278 @@
+"""End-to-end GRPO steps through the engine on one GPU, every role colocated, with the step split up.
+
+    python benchmarks/e2e_gpu.py --model qwen2-0.5b --new-tokens 1024      # 64 prompts x 8 x 1024
+    python benchmarks/e2e_gpu.py --model qwen2-0.5b --new-tokens 256
+    python benchmarks/e2e_gpu.py --model qwen2-1.5b --new-tokens 1024
+    python benchmarks/e2e_gpu.py --device cpu --quick                      # tiny model, to try it out
+
+One real run of ``examples/megatron/train_grpo.py`` (a subprocess, as a user runs it)
+on a random-init Qwen2 shape with a word-level tokenizer covering the whole vocabulary
+(built locally, no downloads; ``benchmarks/param_sync.build_model``). Each step
+(episode): ``--prompts`` prompts of ``--prompt-len`` tokens, ``--n`` responses each of
+exactly ``--new-tokens`` tokens (``ignore_eos``, temperature 1), a cheap rule reward
+(``even_words_reward``), reference log-probs, old log-probs recomputed by the trainer
+(``--recompute-old-logprobs``), one optimizer step over all samples (Adam, lr 1e-6,
+KL coefficient 0.04, micro-batches of ``--micro-batch``) and the weight sync into vLLM.
+Policy (vLLM), reference, reward and trainer share the GPU with ``free_memory``: the
+trainer waits in host memory while vLLM samples and vLLM sleeps while it trains.
+
+Per step it reports the wall time split into generation, reference and old log-probs,
+reward, training, sync and the rest (driver, offload/onload, idle); generated tokens/s;
+training MFU (model FLOPs of the trained tokens over the train step and the bf16 matmul
+peak measured on the same GPU); the GPU's peak memory in use (``nvidia-smi``, all
+processes) and the driver's peak RSS; and start-up: process start to the first episode,
+with the engine's own parts (``startup/*``). The first step is warm-up: reported, not
+averaged. Writes ``benchmarks/results/e2e_gpu_<model>_<tokens>.json`` and a RESULTS.md
+section.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.results_md import command_line, machine_name, save_results, update_results_section  # noqa: E402
+
+KL_COEF = 0.04
+LR = 1e-6
+
+
+def even_words_reward(sample: dict) -> float:
+    """The share of response words whose token id is even (word ``w<id>`` is token ``id``): cheap, and varies."""
+    ids = [int(i) for i in re.findall(r"w(\d+)", sample["response_text"])]
+    return sum(i % 2 == 0 for i in ids) / max(1, len(ids))
+
+
+def write_run_files(work: Path, model_dir: str, args: argparse.Namespace, vocab: int, gpu: bool) -> Path:
+    """The prompts and the YAML files of the run; returns the main YAML."""
+    rng = random.Random(0)
+    data = work / "prompts.jsonl"
+    with open(data, "w") as f:
+        for _ in range(args.prompts * args.steps):
+            # Token ids, not text: transformers 5 loads a qwen2 model's tokenizer as Qwen2Tokenizer,
+            # which does not read the word-level tokenizer.json (it encodes "w12 w34" as nothing).
+            ids = [rng.randrange(4, vocab) for _ in range(args.prompt_len)]
+            f.write(json.dumps({"prompt_ids": ids}) + "\n")
+    common = dict(seed=42, pad_token_id=3)
+    policy = dict(common, load=model_dir, n=args.n, temperature=1.0, top_p=1.0, top_k=-1, ignore_eos=True,
+                  new_token_limit=True, max_new_tokens=args.new_tokens,
+                  max_model_len=args.prompt_len + args.new_tokens + 16, max_num_seqs=args.prompts * args.n)
+    if gpu:
+        # The stripped vLLM wheel of the lent machines has no FlashAttention (PLATFORM.md).
+        policy.update(gpu_memory_utilization=args.gpu_memory_utilization, attention_backend="TRITON_ATTN")
+    megatron = dict(common, load=model_dir, forward_micro_batch_size=args.micro_batch)
+    trainer = dict(megatron, optimizer="adam", lr=LR, clip_grad=1.0, kl_coef=KL_COEF, clip_eps=0.2,
+                   recompute_old_logprobs=args.recompute_old_logprobs)
+    if args.recompute:
+        trainer.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    reward = dict(common, reward_fn="benchmarks.e2e_gpu:even_words_reward", fn_weight=1.0, model_weight=0.0)
+    device = {"num_gpu": 1} if gpu else {"num_cpu": 1}
+    models = {
+        "policy": dict(model_config_file="policy.yaml", trainable=False, free_memory=gpu, **device),
+        "reference": dict(model_config_file="reference.yaml", trainable=False, free_memory=gpu, **device),
+        "reward": dict(model_config_file="reward.yaml", trainable=False, **device),
+        "policy_trainer": dict(model_config_file="trainer.yaml", trainable=True, free_memory=gpu, **device),
+    }
+    samples = args.prompts * args.n
+    main = dict(
+        runtime_env=dict(platform="local", env_vars={"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                                                     "VLLM_USE_FLASHINFER_SAMPLER": "0",
+                                                     "CUDA_DEVICE_MAX_CONNECTIONS": "1"}),
+        models=models,
+        runtime=dict(colocation=[",".join(models)] if gpu else ["policy,policy_trainer", "reference,reward"],
+                     num_episode=args.steps, sample_per_episode=args.prompts, num_training_epoch=1,
+                     generation_batch_size=args.prompts, train_micro_batch_size=args.micro_batch,
+                     train_global_batch_size=samples, stream_data_loader_type="dynamic", data_path=str(data),
+                     output_dir=str(work / "output"), exp_name="e2e", save_episode_interval=0,
+                     eval_episode_interval=0, enable_resume_training=False, seed=42, actor_timeout_s=1800),
+    )
+    import yaml
+
+    for name, content in (("policy.yaml", policy), ("reference.yaml", megatron), ("reward.yaml", reward),
+                          ("trainer.yaml", trainer), ("e2e.yaml", main)):
+        (work / name).write_text(yaml.safe_dump(content, sort_keys=False))
+    return work / "e2e.yaml"
+
+
+class GpuMemoryPeak:
+    """The largest ``memory.used`` nvidia-smi reports while running (all processes on GPU 0), MiB."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.peak_mib, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval_s,), daemon=True)
+
+    def _poll(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=10).stdout
+                self.peak_mib = max(self.peak_mib, float(out.strip().splitlines()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                pass
+
+    def __enter__(self) -> "GpuMemoryPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_engine(config: Path, log_path: Path, gpu: bool) -> tuple[float, Optional[float], float]:
+    """Run the GRPO recipe on ``config``; ``(seconds, seconds to the end of start-up, peak GPU MiB)``.
+    The run's output goes to ``log_path``; a failed run raises with its last lines."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    cmd = [sys.executable, os.path.join(ROOT, "examples/megatron/train_grpo.py"), "-c", str(config)]
+    setup_done = None
+    start = time.perf_counter()
+    with GpuMemoryPeak() if gpu else _NoPeak() as peak, open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            log.write(line)
+            if setup_done is None and "start-up took" in line:
+                setup_done = time.perf_counter() - start
+            if "episode" in line and ("/" in line or "done" in line):
+                print(line.rstrip()[-160:], flush=True)
+        code = proc.wait()
+    seconds = time.perf_counter() - start
+    if code:
+        tail = "".join(open(log_path).readlines()[-40:])
+        raise RuntimeError(f"the engine run failed ({code}); log {log_path}:\n{tail}")
+    return seconds, setup_done, peak.peak_mib
+
+
+class _NoPeak:
+    peak_mib = 0.0
+
+    def __enter__(self) -> "_NoPeak":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def step_breakdown(record: dict, samples: int, new_tokens: int, trained_tokens: int, flops_per_token: float,
+                   peak_tflops: Optional[float]) -> dict[str, float]:
+    """One episode's parts (seconds) and rates from its metrics record."""
+    t = {k[len("time/"):]: v for k, v in record.items() if k.startswith("time/")}
+    parts = {
+        "generation": t.get("policy.forward_step", 0.0),
+        "reference": t.get("reference.forward_step", 0.0),
+        "old_logprobs": t.get("policy_trainer.forward_step", 0.0),
+        "reward": t.get("reward.forward_step", 0.0),
+        "training": t.get("policy_trainer.train_step", 0.0),
+        "sync": t.get("sync", 0.0),
+    }
+    step = t["episode"]
+    out = dict(step_s=step, **{f"{k}_s": v for k, v in parts.items()}, rest_s=step - sum(parts.values()))
+    out["generated_tok_s"] = samples * new_tokens / parts["generation"] if parts["generation"] else float("nan")
+    if peak_tflops and parts["training"]:
+        out["train_mfu"] = flops_per_token * trained_tokens / parts["training"] / (peak_tflops * 1e12)
+    out["driver_peak_rss_gib"] = record.get("driver/peak_rss_gib", float("nan"))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    p.add_argument("--quick", action="store_true", help="a tiny Qwen2 shape and a small batch (to try it out)")
+    p.add_argument("--model", choices=("qwen2-0.5b", "qwen2-1.5b"), default="qwen2-0.5b")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--n", type=int, default=8, help="responses per prompt")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=3, help="episodes; the first is warm-up")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per training / forward micro-batch")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="vLLM's share of the GPU")
+    p.add_argument("--recompute-old-logprobs", default="true", choices=("true", "false"))
+    p.add_argument("--recompute", action="store_true", help="full activation recompute in training")
+    p.add_argument("--work", default="/tmp/chatlearn-e2e")
+    args = p.parse_args(argv)
+    args.recompute_old_logprobs = args.recompute_old_logprobs == "true"
+    gpu = args.device == "gpu"
+    model = "qwen2-tiny" if args.quick else args.model
+    if args.quick:
+        args.prompts, args.n, args.new_tokens, args.prompt_len = min(args.prompts, 4), min(args.n, 4), \
+            min(args.new_tokens, 16), min(args.prompt_len, 16)
+        args.micro_batch = min(args.micro_batch, 8)
+
+    from benchmarks.megatron_train import bf16_matmul_peak_tflops, model_flops_per_token
+    from benchmarks.param_sync import build_model
+
+    work = Path(args.work) / f"{model}_{args.new_tokens}"
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = str(build_model(Path(args.work), model, torch.bfloat16 if gpu else torch.float32))
+    hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = write_run_files(work, model_dir, args, hf_config["vocab_size"], gpu)
+    peak_tflops = bf16_matmul_peak_tflops() if gpu else None
+    if gpu:
+        torch.cuda.empty_cache()
+
+    metrics_file = work / "output" / "e2e" / "metrics.jsonl"
+    if metrics_file.exists():
+        metrics_file.unlink()
+    seconds, setup_done_s, peak_mib = run_engine(config, work / "run.log", gpu)
+    from chatlearn.utils.metrics import read_metrics
+
+    records = [r for r in read_metrics(str(metrics_file)) if r.get("episode", -1) >= 0]
+    samples = args.prompts * args.n
+    seq = args.prompt_len + args.new_tokens
+    steps = [step_breakdown(r, samples, args.new_tokens, samples * seq, model_flops_per_token(hf_config, seq),
+                            peak_tflops) for r in records]
+    startup = {k: v for k, v in records[0].items() if k.startswith("startup/")} if records else {}
+    measured = steps[1:] or steps
+    mean = {k: statistics.mean(s[k] for s in measured) for k in measured[0]}
+
+    rows = [("step (wall)", "step_s"), ("generation", "generation_s"), ("reference log-probs", "reference_s"),
+            ("old log-probs", "old_logprobs_s"), ("reward", "reward_s"), ("training", "training_s"),
+            ("sync", "sync_s"), ("rest (driver, offload, idle)", "rest_s")]
+    table = "| part | seconds per step | share |\n|---|---|---|\n" + "\n".join(
+        f"| {label} | {mean[key]:.2f} | {mean[key] / mean['step_s']:.0%} |" for label, key in rows)
+    extra = [f"generated tokens/s: {mean['generated_tok_s']:,.0f}"]
+    if "train_mfu" in mean:
+        extra.append(f"training MFU: {mean['train_mfu']:.1%} of {peak_tflops:.0f} TFLOP/s measured bf16 peak")
+    if gpu:
+        extra.append(f"peak GPU memory in use: {peak_mib / 1024:.1f} GiB")
+    extra.append(f"driver peak RSS: {mean['driver_peak_rss_gib']:.2f} GiB")
+    if setup_done_s is not None:
+        extra.append(f"start-up: process start to first episode {setup_done_s:.1f} s (" + ", ".join(
+            f"{k[len('startup/'):-2]} {v:.1f}" for k, v in startup.items()) + ")")
+    extra.append(f"warm-up step: {steps[0]['step_s']:.1f} s; whole run {seconds:.0f} s")
+    print(table + "\n\n" + "\n".join(extra), flush=True)
+
+    machine = machine_name(args.device)
+    tag = f"{args.device}_{model}_{args.new_tokens}"
+    result = dict(model=model, device=args.device, machine=machine, prompts=args.prompts, n=args.n,
+                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, micro_batch=args.micro_batch,
+                  recompute_old_logprobs=args.recompute_old_logprobs, activation_recompute=args.recompute,
+                  kl_coef=KL_COEF, lr=LR, peak_tflops=peak_tflops, peak_gpu_mib=peak_mib, run_s=seconds,
+                  startup_to_first_episode_s=setup_done_s, startup_parts=startup, steps=steps, mean=mean)
+    save_results(f"e2e_gpu_{tag}", result)
+    cmd = command_line("e2e_gpu.py", argv)
+    update_results_section(
+        f"End-to-end GRPO step ({tag})",
+        f"Machine: {machine}. Command: `{cmd}`. {model} shape (random init, bf16 on GPU), {args.prompts} prompts "
+        f"of {args.prompt_len} tokens x {args.n} responses x {args.new_tokens} new tokens (ignore EOS, "
+        f"temperature 1), KL coefficient {KL_COEF}, old log-probs recomputed: {args.recompute_old_logprobs}, "
+        f"micro-batches of {args.micro_batch}, every role on the one device; mean of steps 2-{len(steps)}.\n\n"
+        f"{table}\n\n" + "; ".join(extra) + ".\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
