@@ -12,7 +12,8 @@ on a random-init Qwen2 shape with a word-level tokenizer covering the whole voca
 exactly ``--new-tokens`` tokens (``ignore_eos``, temperature 1), a cheap rule reward
 (``even_words_reward``), reference log-probs, old log-probs recomputed by the trainer
 (``--recompute-old-logprobs``), one optimizer step over all samples (Adam, lr 1e-6,
-KL coefficient 0.04, micro-batches of ``--micro-batch``) and the weight sync into vLLM.
+KL coefficient 0.04, token-mean loss, micro-batches of ``--micro-batch``) and the weight
+sync into vLLM. These match ``benchmarks/trl_grpo.py``, TRL's GRPOTrainer on the same work.
 Policy (vLLM), reference, reward and trainer share the GPU with ``free_memory``: the
 trainer waits in host memory while vLLM samples and vLLM sleeps while it trains.
 
@@ -75,8 +76,9 @@ def write_run_files(work: Path, model_dir: str, args: argparse.Namespace, vocab:
         # The stripped vLLM wheel of the lent machines has no FlashAttention (PLATFORM.md).
         policy.update(gpu_memory_utilization=args.gpu_memory_utilization, attention_backend="TRITON_ATTN")
     megatron = dict(common, load=model_dir, forward_micro_batch_size=args.micro_batch)
+    # token-mean: every response token of the global batch weighs the same (TRL's default "dapo" loss).
     trainer = dict(megatron, optimizer="adam", lr=LR, clip_grad=1.0, kl_coef=KL_COEF, clip_eps=0.2,
-                   recompute_old_logprobs=args.recompute_old_logprobs)
+                   loss_agg_mode="token-mean", recompute_old_logprobs=args.recompute_old_logprobs)
     if args.recompute:
         trainer.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     reward = dict(common, reward_fn="benchmarks.e2e_gpu:even_words_reward", fn_weight=1.0, model_weight=0.0)
@@ -198,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--new-tokens", type=int, default=1024)
     p.add_argument("--steps", type=int, default=3, help="episodes; the first is warm-up")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per training / forward micro-batch")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="vLLM's share of the GPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share of the GPU")
     p.add_argument("--recompute-old-logprobs", default="true", choices=("true", "false"))
     p.add_argument("--recompute", action="store_true", help="full activation recompute in training")
     p.add_argument("--work", default="/tmp/chatlearn-e2e")

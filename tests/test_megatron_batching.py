@@ -107,3 +107,61 @@ def test_every_batch_size_trains_to_the_unpadded_gradient(tmp_path, dp):
             for name, want in want_grads.items():
                 err = (grads[name] - want).abs().max().item()
                 assert err <= 1e-4 * want.abs().max().item() + 1e-7, f"{mode} n={n} dp={dp} {name}: {err}"
+
+
+def test_group_by_length_sorts_rows_and_cuts_each_micro_batch_to_its_longest_row():
+    from chatlearn.models.megatron.schedule import group_by_length
+
+    lengths = [3, 9, 4, 12, 5]  # an odd count: the tail micro-batch has one row
+    mbs = []
+    for i in range(0, len(lengths), 2):
+        part = lengths[i:i + 2]
+        width = max(part)
+        ids = torch.full((len(part), width), 7)
+        mask = torch.zeros(len(part), width)
+        for r, n in enumerate(part):
+            ids[r, :n] = torch.arange(100 * (i + r), 100 * (i + r) + n)
+            mask[r, :n] = 1
+        mbs.append({"input_ids": ids, "attention_mask": mask, "total": torch.tensor(5.0)})
+    out, order = group_by_length(mbs, pad_id=0)
+    assert [mb["input_ids"].shape[1] for mb in out] == [4, 9, 12]  # not 12, 12, 12
+    assert order.tolist() == [0, 2, 4, 1, 3]
+    rows = [row for mb in out for row in mb["input_ids"]]
+    for row, original in zip(rows, order.tolist()):
+        n = lengths[original]
+        assert row[:n].tolist() == list(range(100 * original, 100 * original + n))
+    assert all(float(mb["total"]) == 5.0 for mb in out)  # per-batch values are kept
+    assert all(int(mb["seq_lens"].max()) <= mb["input_ids"].shape[1] for mb in out)
+
+
+def _forward_worker(rank: int, world: int, model_dir: str, out: str) -> None:
+    from chatlearn.models.megatron.module import MegatronModule, MegatronSettings
+
+    module = MegatronModule("reference")
+    module.settings = MegatronSettings(load=model_dir, forward_micro_batch_size=2)
+    module.setup()
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 11, 4, 12, 5]
+    ids = torch.zeros(len(lengths), 12, dtype=torch.long)
+    mask = torch.zeros(len(lengths), 12)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = torch.randint(4, 100, (n,), generator=g)
+        mask[r, :n] = 1
+    data = {"input_ids": ids, "attention_mask": mask}
+    grouped = module.forward_step(data, 0)["logprobs"]
+    module.group_rows_by_length = False
+    padded = module.forward_step(data, 1)["logprobs"]
+    torch.save({"grouped": grouped, "padded": padded, "mask": mask}, out)
+
+
+def test_forward_step_grouped_by_length_returns_the_rows_in_order(tmp_path):
+    root = os.environ.get("CHATLEARN_TEST_ASSETS") or str(tmp_path / "assets")
+    model_dir = str(ensure_tiny_assets(root, seed=3, arch="llama").model_dir)
+    out = str(tmp_path / "logprobs.pt")
+    spawn(_forward_worker, 1, model_dir, out)
+    r = torch.load(out)
+    assert r["grouped"].shape == r["padded"].shape == (5, 12)
+    real = r["mask"] > 0
+    assert torch.allclose(r["grouped"][real], r["padded"][real], atol=1e-5)
+    # The longest row's micro-batch: row 3 (12 tokens) with row 1 (11); row 0 (3 tokens) was cut to 4.
+    assert (r["grouped"][0, 4:] == 0).all() and (r["padded"][0, 4:] != 0).any()

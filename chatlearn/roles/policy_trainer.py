@@ -166,6 +166,7 @@ class DPOTrainer(_PolicyTrainer):
     The pair's two sequences run through the model as one batch of 2b rows, chosen first."""
 
     config_class = DPOConfig
+    group_rows_by_length = False  # a micro-batch's rows are pairs: chosen first half, rejected second
     # The (chosen, rejected) pairs the online-DPO preset's driver step makes.
     needs_rollout_keys = tuple(f"{side}_{key}" for side in ("chosen", "rejected") for key in PAIRED_KEYS)
 

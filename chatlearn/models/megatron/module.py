@@ -31,7 +31,8 @@ from chatlearn.models.megatron.lora import convert_layer_to_lora
 from chatlearn.models.megatron.model import (ATTENTION_BACKENDS, build_gpt_model, hf_arch, load_hf_config,
                                              optimizer_parts, transformer_config_from_hf, unwrap)
 from chatlearn.models.megatron.parallel import initialize_parallel_state
-from chatlearn.models.megatron.schedule import forward_logits, forward_logprobs, pad_micro_batches, run_micro_batches
+from chatlearn.models.megatron.schedule import (forward_logits, forward_logprobs, group_by_length, pad_micro_batches,
+                                               run_micro_batches)
 from chatlearn.models.offload import HostOffload, model_tensors, offload_target_available
 from chatlearn.utils import platform
 from chatlearn.utils.rng import capture_rng_state, restore_rng_state
@@ -165,6 +166,10 @@ class MegatronSettings:
 
 class MegatronModule(BaseModule):
     settings: Optional[MegatronSettings] = None
+    # Without pipeline parallelism, train_step and forward_step sort rows by length across
+    # micro-batches (less padding). A loss that needs certain rows together in one
+    # micro-batch (DPO's stacked pairs) turns this off.
+    group_rows_by_length = True
 
     def __init__(self, name: str):
         super().__init__(name)
@@ -253,14 +258,25 @@ class MegatronModule(BaseModule):
         return model, optimizer
 
     # -- inference ----------------------------------------------------------------
-    def _micro_batches(self, data: dict) -> tuple[list[dict], int]:
-        """``data``'s rows as equal-shaped micro-batches of ``forward_micro_batch_size``
-        (so pipeline stages overlap), padded at the tail; and the number of real rows."""
-        keys = ("input_ids", "loss_mask", *SAMPLING_KEYS)
+    def _micro_batches(self, data: dict) -> tuple[list[dict], int, Optional[torch.Tensor]]:
+        """``data``'s rows as micro-batches of ``forward_micro_batch_size`` rows, padded at the
+        tail (``_pad``); the number of real rows; and where each row went (None: in order)."""
+        keys = ("input_ids", "attention_mask", "loss_mask", *SAMPLING_KEYS)
         rows = split_batch({k: data[k] for k in keys if isinstance(data.get(k), torch.Tensor)})
         size = self.settings.forward_micro_batch_size or len(rows)
         (micro_batches,) = split_global_batch(rows, 1, size)
-        return pad_micro_batches(micro_batches, pad_id=self.settings.pad_token_id), len(rows)
+        micro_batches, order = self._pad(micro_batches)
+        return micro_batches, len(rows), order
+
+    def _pad(self, micro_batches: list[dict]) -> tuple[list[dict], Optional[torch.Tensor]]:
+        """Equal-shaped micro-batches under pipeline parallelism (its stages exchange fixed-shape
+        buffers); otherwise the rows sorted by length, each micro-batch padded only to its own
+        longest row (``group_by_length``; the order says where each row went)."""
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() > 1 or not self.group_rows_by_length:
+            return pad_micro_batches(micro_batches, pad_id=self.settings.pad_token_id), None
+        return group_by_length(micro_batches, pad_id=self.settings.pad_token_id)
 
     @property
     def is_score_model(self) -> bool:
@@ -278,16 +294,19 @@ class MegatronModule(BaseModule):
         ``loss_mask`` is set; see ``chatlearn.algorithms.core.sampling_logprobs``), else
         of the model's plain softmax.
         """
-        micro_batches, rows = self._micro_batches(data)
+        micro_batches, rows, order = self._micro_batches(data)
         width = data["input_ids"].shape[1]
+        run = forward_logits if self.is_score_model else forward_logprobs
+        out = run(self.model, micro_batches)
+        if out is None:
+            return {}
+        if order is not None:  # back to the input's row order
+            out = torch.zeros_like(out).index_copy_(0, order, out)
+        out = torch.nn.functional.pad(out, (0, 0) * (out.dim() - 2) + (0, max(0, width - out.shape[1])))
+        out = out[:rows, :width]
         if self.is_score_model:
-            scores = forward_logits(self.model, micro_batches)
-            if scores is None:
-                return {}
-            scores = scores[:rows, :width]
-            return {"values": scores[..., 0] if scores.shape[-1] == 1 else scores}
-        logprobs = forward_logprobs(self.model, micro_batches)
-        return {"logprobs": logprobs[:rows, :width]} if logprobs is not None else {}
+            return {"values": out[..., 0] if out.shape[-1] == 1 else out}
+        return {"logprobs": out}
 
     # -- training -----------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
@@ -300,6 +319,9 @@ class MegatronModule(BaseModule):
         leaves padding rows out. ``train_step`` sums the shares over the
         micro-batches and the data-parallel ranks, so the optimizer sees the
         gradient of the global batch's loss, whatever the split.
+
+        Rows may arrive in other micro-batches than they were sent in, sorted by length
+        (``group_rows_by_length``); the shares add up to the same global value.
 
         Default: next-token cross entropy, token mean over ``loss_mask``
         (aligned with ``input_ids``; default: every real token after the
@@ -330,8 +352,7 @@ class MegatronModule(BaseModule):
         model.train()
         model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        mbs = pad_micro_batches([{k: v for k, v in d.items() if isinstance(v, torch.Tensor)} for d in data_list],
-                                pad_id=self.settings.pad_token_id)
+        mbs, _ = self._pad([{k: v for k, v in d.items() if isinstance(v, torch.Tensor)} for d in data_list])
         _set_global_totals(mbs)
         # Megatron divides each micro-batch's loss by their number and DDP averages
         # gradients over DP ranks; a share of the global loss must be summed instead.

@@ -6,10 +6,12 @@ between stages; the callables here only say what goes in on the first
 stage and what to do with the logits on the last one.
 
 A micro-batch is a dict with ``input_ids`` ([b, s] long) and any extra
-tensors a loss function needs. All micro-batches of one call must share
-``[b, s]``: the pipeline's p2p buffers have a fixed shape. Callers get equal
-row counts from ``chatlearn.data.batching.split_global_batch`` and equal
-lengths from :func:`pad_micro_batches`.
+tensors a loss function needs. With pipeline parallelism all micro-batches of
+one call must share ``[b, s]``: the pipeline's p2p buffers have a fixed shape.
+Callers get equal row counts from ``chatlearn.data.batching.split_global_batch``
+and equal lengths from :func:`pad_micro_batches`. Without it, :func:`group_by_length`
+sorts the rows by length so that each micro-batch is padded only to its own
+longest row.
 """
 from __future__ import annotations
 
@@ -47,6 +49,48 @@ def pad_micro_batches(micro_batches: list[dict], pad_id: int = 0) -> list[dict]:
     return out
 
 
+def row_lengths(mb: dict) -> torch.Tensor:
+    """``[b]`` real length of each row: up to its last ``attention_mask`` (else ``loss_mask``) position;
+    the full width when the micro-batch has neither (nothing says where a row ends)."""
+    b, s = mb["input_ids"].shape
+    mask = mb.get("attention_mask", mb.get("loss_mask"))
+    if not isinstance(mask, torch.Tensor) or mask.shape != (b, s):
+        return torch.full((b,), s, dtype=torch.long)
+    positions = torch.arange(1, s + 1).expand(b, s)
+    return torch.where(mask > 0, positions, 0).max(dim=1).values.clamp(min=1)
+
+
+def group_by_length(micro_batches: list[dict], pad_id: int = 0) -> tuple[list[dict], torch.Tensor]:
+    """The rows of ``micro_batches``, sorted by ``row_lengths`` into as many micro-batches of the same
+    row count, each cut to its own longest row; and, for each new row, its index in the input.
+
+    For runs without pipeline parallelism: a long response no longer pads every micro-batch
+    to its length. Losses and log-probs are unchanged (rows only move between micro-batches;
+    what is cut is padding, past every row's mask), except for the order of float sums.
+    """
+    if not micro_batches:
+        return [], torch.zeros(0, dtype=torch.long)
+    padded = pad_micro_batches(micro_batches, pad_id)
+    rows_per_mb = padded[0]["input_ids"].shape[0]
+    keys = [k for k, v in padded[0].items() if isinstance(v, torch.Tensor) and v.dim() >= 1
+            and v.shape[0] == rows_per_mb]
+    merged = {k: torch.cat([mb[k] for mb in padded]) for k in keys}
+    width = merged["input_ids"].shape[1]
+    lengths = torch.cat([row_lengths(mb) for mb in padded])
+    order = torch.sort(lengths, stable=True).indices
+    out = []
+    for start in range(0, len(order), rows_per_mb):
+        rows = order[start:start + rows_per_mb]
+        cut = int(lengths[rows].max())
+        mb = {k: v for k, v in padded[0].items() if k not in keys}  # per-batch values (e.g. totals)
+        for k, v in merged.items():
+            v = v[rows]
+            mb[k] = v[:, :cut] if v.dim() >= 2 and v.shape[1] == width else v
+        mb["seq_lens"] = mb["seq_lens"].clamp(max=cut)
+        out.append(mb)
+    return out, order
+
+
 def _model_inputs(mb: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     input_ids = mb["input_ids"].to(device)
     b, s = input_ids.shape
@@ -71,9 +115,10 @@ def run_micro_batches(
 
     if not micro_batches:
         return []
-    shape = micro_batches[0]["input_ids"].shape
-    if any(mb["input_ids"].shape != shape for mb in micro_batches):
-        raise ValueError("all micro-batches of one call need the same [batch, seq] shape: pad them first")
+    shapes = [mb["input_ids"].shape for mb in micro_batches]
+    if ps.get_pipeline_model_parallel_world_size() > 1 and len(set(shapes)) > 1:
+        raise ValueError("with pipeline parallelism all micro-batches of one call need the same [batch, seq] "
+                         "shape: pad them first (pad_micro_batches)")
     device = platform.torch_device()
     batches = iter(micro_batches)
 
@@ -104,8 +149,8 @@ def run_micro_batches(
             data_iterator=batches,
             model=[model],
             num_microbatches=len(micro_batches),
-            seq_length=shape[1],
-            micro_batch_size=shape[0],
+            seq_length=max(shape[1] for shape in shapes),
+            micro_batch_size=shapes[0][0],
             forward_only=forward_only,
             collect_non_loss_data=forward_only,
         )
@@ -125,7 +170,7 @@ def forward_logprobs(model: torch.nn.Module, micro_batches: list[dict]) -> Optio
     model.eval()
     with torch.no_grad():
         outs = run_micro_batches(model, micro_batches, micro_batch_logprobs, forward_only=True)
-    return torch.cat([o.cpu() for o in outs], 0) if outs else None
+    return _cat_rows([o.cpu() for o in outs]) if outs else None
 
 
 def forward_logits(model: torch.nn.Module, micro_batches: list[dict]) -> Optional[torch.Tensor]:
@@ -133,4 +178,10 @@ def forward_logits(model: torch.nn.Module, micro_batches: list[dict]) -> Optiona
     model.eval()
     with torch.no_grad():
         outs = run_micro_batches(model, micro_batches, lambda logits, mb: logits.float().cpu(), forward_only=True)
-    return torch.cat(outs, 0) if outs else None
+    return _cat_rows(outs) if outs else None
+
+
+def _cat_rows(outs: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-micro-batch ``[b, s_i, ...]`` outputs along rows, right-padding with zeros."""
+    width = max(o.shape[1] for o in outs)
+    return torch.cat([torch.nn.functional.pad(o, (0, 0) * (o.dim() - 2) + (0, width - o.shape[1])) for o in outs])
