@@ -56,6 +56,9 @@ class CallTracker:
         # Results of outstanding calls already fetched (while watching for failures),
         # kept until a get() asks for them.
         self._fetched: dict[ray.ObjectRef, Any] = {}
+        # Seconds the driver spent blocked in ray.wait on workers: an episode's time
+        # less this is the driver's own work (``time/driver``).
+        self.wait_s = 0.0
 
     def track(self, ref: ray.ObjectRef, label: CallLabel) -> ray.ObjectRef:
         self._pending[ref] = label
@@ -72,7 +75,7 @@ class CallTracker:
         remaining = [ref for ref in dict.fromkeys(refs) if ref not in self._fetched]
         while remaining:
             left = deadline - time.monotonic()
-            done, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=max(min(left, POLL_S), 0))
+            done, remaining = self._wait(remaining, max(min(left, POLL_S), 0))
             for ref in done:
                 self._fetched[ref] = self._fetch(ref)
             if not remaining:
@@ -97,7 +100,7 @@ class CallTracker:
         unseen = [ref for ref in self._pending if ref not in self._fetched]
         if not unseen:
             return
-        ready, _ = ray.wait(unseen, num_returns=len(unseen), timeout=0)
+        ready, _ = self._wait(unseen, 0)
         ready = set(ready)
         for ref in unseen:  # oldest first: the first failure is the likeliest cause
             if ref in ready:
@@ -111,10 +114,17 @@ class CallTracker:
         """Unfinished calls, oldest first, one per worker and method: the first is
         most likely the one that hangs (later calls may only wait for its output)."""
         pending = list(self._pending)
-        _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=0)
+        _, not_ready = self._wait(pending, 0)
         not_ready = set(not_ready)
         labels = [self._pending[r] for r in pending if r in not_ready]
         return list(dict.fromkeys(labels))
+
+    def _wait(self, refs: list[ray.ObjectRef], timeout_s: float) -> tuple[list, list]:
+        start = time.perf_counter()
+        try:
+            return ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        finally:
+            self.wait_s += time.perf_counter() - start
 
     def discard(self) -> None:
         self._pending.clear()

@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import os
+import resource
 import time
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
@@ -396,6 +397,7 @@ class Engine:
 
     def _run_episode(self, episode: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        began, waited = time.perf_counter(), self.tracker.wait_s
         # "time/train" also tells the progress heartbeat that the episode is in "train".
         timer = functools.partial(_timed, metrics,
                                   on_start=lambda key: self._progress.phase(key[len("time/"):], episode))
@@ -464,6 +466,10 @@ class Engine:
             remote = d.module.remote_modes()
             metrics.update({f"time/{name}.{method}": seconds for method, seconds in timings.items()
                             if method in remote})
+        # The driver's own share: the episode's time less the time it sat waiting for workers.
+        metrics["time/episode"] = time.perf_counter() - began
+        metrics["time/driver"] = metrics["time/episode"] - (self.tracker.wait_s - waited)
+        metrics["driver/peak_rss_gib"] = _peak_rss_gib()
         return metrics
 
     def _episode_prompts(self, episode: int) -> list[dict]:
@@ -772,6 +778,11 @@ def _saves_itself(module: BaseModule) -> bool:
     under the engine's checkpoint directory) and reloads in ``setup()`` on resume."""
     params = inspect.signature(type(module).save_checkpoint).parameters
     return "iteration" in params and "path" not in params
+
+
+def _peak_rss_gib() -> float:
+    """The driver process's peak resident memory so far (the workers report theirs apart)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _batch_size(batch: dict) -> int:
