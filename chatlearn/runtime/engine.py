@@ -15,6 +15,7 @@ started yet), then Ray and placement, then workers, then resume.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
@@ -494,7 +495,7 @@ class Engine:
         first = self.config.models[flow.graph[0].model]
         batch_size = first.generation_batch_size if first.generation_batch_size > 0 \
             else self.runtime.generation_batch_size
-        outputs = []
+        outputs: collections.deque = collections.deque()
         for start in range(0, len(samples), batch_size):
             chunk, chunk_seeds = samples[start:start + batch_size], seeds[start:start + batch_size]
             if collate_fn is None:
@@ -509,7 +510,10 @@ class Engine:
                 raise FlowError(f"{flow.kind} flow {flow.fn_name}() must return the output of a model call "
                                 f"(or several, as a tuple)")
             outputs.append(parts)
-        for parts in outputs:
+        while outputs:
+            # Fetched here, once: only the flow's outputs come to the driver (earlier stages'
+            # batches go from actor to actor). Popped, so Ray frees each batch once it is read.
+            parts = outputs.popleft()
             batches = self.tracker.get([o.ref for o in parts])
             merged: dict = {}
             for b in batches:
