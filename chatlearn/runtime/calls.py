@@ -12,6 +12,12 @@ failure is raised at once. A rank that raised often leaves the rest of its
 replica (or the next stage) blocked in a collective or on its output; without
 this the driver would wait for ``runtime.actor_timeout_s`` and then report the
 blocked call instead of the one that broke.
+
+Calls whose result is data (flow stages, training steps: ``ModelWorker.output``)
+return two Ray objects, a small status and the data. Only the status is watched:
+a failure makes both objects errors, so fetching the status says whether the call
+failed without pulling a batch into the driver. The data is fetched only when a
+``get()`` asks for it, once.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from chatlearn.runtime.worker import RemoteCallError
 
@@ -48,7 +54,11 @@ class WorkerTimeoutError(TimeoutError):
 
 
 class CallTracker:
-    """Outstanding remote calls of the driver, so none is left unchecked."""
+    """Outstanding remote calls of the driver, so none is left unchecked.
+
+    Each call is tracked by the ref fetched to learn whether it failed: its result, or
+    for a call with two returns its status (its data ref is given to ``track`` apart).
+    """
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
@@ -56,23 +66,39 @@ class CallTracker:
         # Results of outstanding calls already fetched (while watching for failures),
         # kept until a get() asks for them.
         self._fetched: dict[ray.ObjectRef, Any] = {}
+        # Data ref -> its call's status ref, and back. Keyed by the data ref's id, not the
+        # ref itself: holding the ref would keep the data alive in Ray's object store after
+        # the stages that take it are done.
+        self._status_of: dict[bytes, ray.ObjectRef] = {}
+        self._data_of: dict[ray.ObjectRef, bytes] = {}
+        # Seconds the driver spent blocked in ray.wait on workers: an episode's time
+        # less this is the driver's own work (``time/driver``).
+        self.wait_s = 0.0
 
-    def track(self, ref: ray.ObjectRef, label: CallLabel) -> ray.ObjectRef:
+    def track(self, ref: ray.ObjectRef, label: CallLabel, data: ray.ObjectRef | None = None) -> ray.ObjectRef:
+        """Watch the call whose result is ``ref``; with ``data``, ``ref`` is the call's status and
+        ``data`` its result, fetched only by a get() that asks for it."""
         self._pending[ref] = label
+        if data is not None:
+            self._status_of[data.binary()] = ref
+            self._data_of[ref] = data.binary()
         return ref
 
     def get(self, refs: Sequence[ray.ObjectRef], timeout_s: float | None = None) -> list[Any]:
-        """Results of ``refs`` in order; errors and time-outs raised with their labels.
+        """Results of ``refs`` in order (calls' results, or data refs of tracked calls);
+        errors and time-outs raised with their labels.
 
         A failure of any outstanding call (not only of ``refs``) is raised as soon as
         it is seen: it is usually why the calls waited on do not finish."""
         refs = list(refs)
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
-        remaining = [ref for ref in dict.fromkeys(refs) if ref not in self._fetched]
+        # The ref that says whether each call succeeded: a data ref's status, else the ref itself.
+        calls = [self._status_of.get(ref.binary(), ref) for ref in refs]
+        remaining = [call for call in dict.fromkeys(calls) if call not in self._fetched]
         while remaining:
             left = deadline - time.monotonic()
-            done, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=max(min(left, POLL_S), 0))
+            done, remaining = self._wait(remaining, max(min(left, POLL_S), 0))
             for ref in done:
                 self._fetched[ref] = self._fetch(ref)
             if not remaining:
@@ -85,10 +111,15 @@ class CallTracker:
                     + ", ".join(str(label) for label in stuck[:3])
                     + (f" and {len(stuck) - 3} more calls" if len(stuck) > 3 else "")
                 )
-        results = [self._fetched[ref] for ref in refs]
-        for ref in refs:
-            self._pending.pop(ref, None)
-            self._fetched.pop(ref, None)
+        # Every call succeeded: now fetch the data asked for (a data ref of a finished call
+        # is ready, unless it must first come over from another node).
+        data: dict[ray.ObjectRef, Any] = {}
+        for ref, call in zip(refs, calls):
+            if ref is not call and ref not in data:
+                data[ref] = self._fetch(ref, max(deadline - time.monotonic(), POLL_S), self._pending.get(call))
+        results = [data[ref] if ref is not call else self._fetched[call] for ref, call in zip(refs, calls)]
+        for call in calls:
+            self._forget(call)
         return results
 
     def _raise_other_failures(self) -> None:
@@ -97,33 +128,48 @@ class CallTracker:
         unseen = [ref for ref in self._pending if ref not in self._fetched]
         if not unseen:
             return
-        ready, _ = ray.wait(unseen, num_returns=len(unseen), timeout=0)
+        ready, _ = self._wait(unseen, 0)
         ready = set(ready)
         for ref in unseen:  # oldest first: the first failure is the likeliest cause
             if ref in ready:
                 self._fetched[ref] = self._fetch(ref)
 
     def wait_all(self) -> None:
-        """Check every call still outstanding (e.g. the non-output ranks of a stage)."""
+        """Check every call still outstanding (e.g. the non-output ranks of a stage, the earlier
+        stages of a flow): their results or statuses, never their data."""
         self.get(list(self._pending))
 
     def _oldest_unfinished(self) -> list[CallLabel]:
         """Unfinished calls, oldest first, one per worker and method: the first is
         most likely the one that hangs (later calls may only wait for its output)."""
         pending = list(self._pending)
-        _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=0)
+        _, not_ready = self._wait(pending, 0)
         not_ready = set(not_ready)
         labels = [self._pending[r] for r in pending if r in not_ready]
         return list(dict.fromkeys(labels))
 
+    def _wait(self, refs: list[ray.ObjectRef], timeout_s: float) -> tuple[list, list]:
+        start = time.perf_counter()
+        try:
+            return ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        finally:
+            self.wait_s += time.perf_counter() - start
+
+    def _forget(self, call: ray.ObjectRef) -> None:
+        self._pending.pop(call, None)
+        self._fetched.pop(call, None)
+        self._status_of.pop(self._data_of.pop(call, b""), None)
+
     def discard(self) -> None:
         self._pending.clear()
         self._fetched.clear()
+        self._status_of.clear()
+        self._data_of.clear()
 
-    def _fetch(self, ref: ray.ObjectRef) -> Any:
-        label = self._pending.get(ref)
+    def _fetch(self, ref: ray.ObjectRef, timeout_s: float = 0, label: CallLabel | None = None) -> Any:
+        label = label or self._pending.get(ref)
         try:
-            return ray.get(ref, timeout=0)
+            return ray.get(ref, timeout=timeout_s)
         except RayTaskError as err:
             cause = err.cause if getattr(err, "cause", None) is not None else err
             if isinstance(cause, RemoteCallError):
@@ -131,5 +177,10 @@ class CallTracker:
             raise RuntimeError(f"{label or 'a remote call'} failed:\n{err}") from None
         except RayActorError as err:
             raise WorkerDiedError(f"the worker of {label or 'a remote call'} died: {err}") from None
-        except GetTimeoutError:  # not finished: callers only fetch refs that ray.wait returned
-            raise
+        except ObjectLostError as err:  # the data of a finished call, on a node that went away
+            raise WorkerDiedError(f"the result of {label or 'a remote call'} was lost: {err}") from None
+        except GetTimeoutError:
+            # A finished call's data still on its way from another node (a status or result is
+            # only fetched once ray.wait returned it).
+            raise WorkerTimeoutError(f"the result of {label or 'a remote call'} did not arrive within "
+                                     f"{timeout_s:g}s") from None

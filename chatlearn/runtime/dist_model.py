@@ -34,7 +34,12 @@ KILL_GRACE_S = 10.0
 
 @dataclass
 class RemoteBatch:
-    """The future output of one flow stage (a batch dict once computed)."""
+    """The future output of one flow stage (a batch dict once computed).
+
+    ``ref`` is the output rank's data: it stays in Ray's object store, the next
+    stage's actors get it from there (Ray resolves ObjectRef arguments in the
+    actor), and the driver fetches it only where it reads it (``CallTracker.get``).
+    """
 
     ref: ray.ObjectRef
     producer: str  # "model.method", for error messages and the flow graph
@@ -188,7 +193,7 @@ class DistModel:
         args = [x.ref if isinstance(x, RemoteBatch) else x for x in inputs]
         output = None
         for w in replica:
-            ref = self._track(w, method, w.actor.forward.remote(method, iteration, *args))
+            ref = self._call_with_output(w, method, "forward", method, iteration, *args)
             if w.is_output_rank and output is None:
                 output = ref
         return RemoteBatch(output, f"{self.name}.{method}")
@@ -203,11 +208,9 @@ class DistModel:
         if not any(per_dp_rank):
             return []  # nothing to train on: no step (an empty step would still move Adam's moments)
         iteration = self._next_iteration(method)
-        refs = [
-            self._track(w, method, w.actor.hook.remote(method, ("data", "iteration"), per_dp_rank[w.dp_rank],
-                                                       iteration, *extra))
-            for w in self.workers
-        ]
+        refs = [self._call_with_output(w, method, "hook", method, ("data", "iteration"), per_dp_rank[w.dp_rank],
+                                       iteration, *extra)
+                for w in self.workers]
         outputs = [r for r, w in zip(refs, self.workers) if w.is_output_rank]
         self._train_outputs.extend(outputs)
         return outputs
@@ -275,6 +278,13 @@ class DistModel:
 
     def _track(self, w: WorkerHandle, method: str, ref: ray.ObjectRef) -> ray.ObjectRef:
         return self.tracker.track(ref, CallLabel(self.name, w.info.replica_id, w.info.rank, method))
+
+    def _call_with_output(self, w: WorkerHandle, method: str, call: str, *args) -> ray.ObjectRef:
+        """``ModelWorker.output``: the tracker watches the call's small status; the data ref is
+        returned (None on a rank that is not an output rank), for the next stage or a get()."""
+        status, data = w.actor.output.options(num_returns=2).remote(call, *args)
+        self.tracker.track(status, CallLabel(self.name, w.info.replica_id, w.info.rank, method), data=data)
+        return data
 
 
 def _release_node_resources(worker: ModelWorker) -> None:

@@ -15,12 +15,14 @@ started yet), then Ray and placement, then workers, then resume.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
 import json
 import logging
 import os
+import resource
 import time
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
@@ -392,9 +394,7 @@ class Engine:
                                   interval_s=self.runtime.progress_interval_s, verbose=self.runtime.debug)
         try:
             for episode in episodes:
-                began = time.perf_counter()
                 metrics = self._run_episode(episode)
-                metrics["time/episode"] = time.perf_counter() - began
                 if episode == self.start_episode:
                     metrics.update({f"startup/{part}_s": s for part, s in self.startup_times.items()})
                 self.history.append(metrics)
@@ -408,6 +408,7 @@ class Engine:
 
     def _run_episode(self, episode: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        began, waited = time.perf_counter(), self.tracker.wait_s
         # "time/train" also tells the progress heartbeat that the episode is in "train".
         timer = functools.partial(_timed, metrics,
                                   on_start=lambda key: self._progress.phase(key[len("time/"):], episode))
@@ -476,6 +477,10 @@ class Engine:
             remote = d.module.remote_modes()
             metrics.update({f"time/{name}.{method}": seconds for method, seconds in timings.items()
                             if method in remote})
+        # The driver's own share: the episode's time less the time it sat waiting for workers.
+        metrics["time/episode"] = time.perf_counter() - began
+        metrics["time/driver"] = metrics["time/episode"] - (self.tracker.wait_s - waited)
+        metrics["driver/peak_rss_gib"] = _peak_rss_gib()
         return metrics
 
     def _episode_prompts(self, episode: int) -> list[dict]:
@@ -500,7 +505,7 @@ class Engine:
         first = self.config.models[flow.graph[0].model]
         batch_size = first.generation_batch_size if first.generation_batch_size > 0 \
             else self.runtime.generation_batch_size
-        outputs = []
+        outputs: collections.deque = collections.deque()
         for start in range(0, len(samples), batch_size):
             chunk, chunk_seeds = samples[start:start + batch_size], seeds[start:start + batch_size]
             if collate_fn is None:
@@ -515,7 +520,10 @@ class Engine:
                 raise FlowError(f"{flow.kind} flow {flow.fn_name}() must return the output of a model call "
                                 f"(or several, as a tuple)")
             outputs.append(parts)
-        for parts in outputs:
+        while outputs:
+            # Fetched here, once: only the flow's outputs come to the driver (earlier stages'
+            # batches go from actor to actor). Popped, so Ray frees each batch once it is read.
+            parts = outputs.popleft()
             batches = self.tracker.get([o.ref for o in parts])
             merged: dict = {}
             for b in batches:
@@ -784,6 +792,11 @@ def _saves_itself(module: BaseModule) -> bool:
     under the engine's checkpoint directory) and reloads in ``setup()`` on resume."""
     params = inspect.signature(type(module).save_checkpoint).parameters
     return "iteration" in params and "path" not in params
+
+
+def _peak_rss_gib() -> float:
+    """The driver process's peak resident memory so far (the workers report theirs apart)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _batch_size(batch: dict) -> int:

@@ -60,6 +60,7 @@ class ModelWorker:
         self._timings: dict[str, float] = defaultdict(float)
         self._events: list[str] = []
         self._store = None  # rank 0's rendezvous store (torch.distributed.TCPStore)
+        self._is_output_rank = False  # known after setup()
 
     # -- start-up ----------------------------------------------------------------
     def node_ip(self) -> str:
@@ -108,7 +109,8 @@ class ModelWorker:
         """``init()`` then ``setup()``; what the driver needs to know about this rank."""
         self._guard("init", lambda: call_hook(self.module.init, {}))
         self._guard("setup", lambda: call_hook(self.module.setup, {}))
-        return {"dp_rank": self.info.dp_rank, "is_output_rank": self.module.is_output_rank(),
+        self._is_output_rank = bool(self.module.is_output_rank())
+        return {"dp_rank": self.info.dp_rank, "is_output_rank": self._is_output_rank,
                 "has_weights": bool(self.module.has_weights()), "padding_config": self.module.padding_config()}
 
     # -- calls -------------------------------------------------------------------
@@ -135,6 +137,18 @@ class ModelWorker:
             return {**data, **out}
 
         return self._guard(method, run)
+
+    def output(self, call: str, *args: Any) -> tuple[None, Any]:
+        """``getattr(self, call)(*args)`` (``forward`` or ``hook``) as two results, for a call made
+        with ``num_returns=2``: a status (None) and the data, which only the output rank returns.
+
+        The driver watches the status alone for failures (an exception here makes both
+        results errors), so it never pulls in data it does not read: the data goes to the
+        next stage's actors from Ray's object store, and a rank that is not its replica's
+        output rank (an earlier pipeline stage, a tensor-parallel peer) returns None
+        instead of a copy of the batch."""
+        data = getattr(self, call)(*args)
+        return None, data if self._is_output_rank else None
 
     def pop_timings(self) -> dict[str, float]:
         timings, self._timings = dict(self._timings), defaultdict(float)

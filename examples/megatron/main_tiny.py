@@ -191,6 +191,10 @@ def _report(run_dir: str, algo: str, elapsed: float, peak_gib: float, config: st
         "heldout_greedy_accuracy_start": greedy[0], "heldout_greedy_accuracy_end": greedy[1],
         "minutes": elapsed / 60, "peak_rss_gib": peak_gib,
     }
+    episodes = [m for m in metrics if m["episode"] >= 0 and "time/driver" in m]
+    if episodes:  # the engine's driver: its share of the episodes' time (not waiting on workers), its peak
+        summary["driver_share"] = sum(m["time/driver"] for m in episodes) / sum(m["time/episode"] for m in episodes)
+        summary["driver_peak_rss_gib"] = max(m["driver/peak_rss_gib"] for m in episodes)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nheld-out reward {first['eval/reward/mean']:.3f} -> {last['eval/reward/mean']:.3f}, accuracy "
@@ -203,6 +207,9 @@ def _report(run_dir: str, algo: str, elapsed: float, peak_gib: float, config: st
     print(f"final policy: {final_model} (Hugging Face format: transformers and vLLM load it)")
     print(f"config:       {config}")
     print(f"peak RSS:     {peak_gib:.2f} GiB (this process and all below it: Ray, vLLM, Megatron workers)")
+    if "driver_share" in summary:
+        print(f"driver:       {summary['driver_share']:.1%} of the episodes' time outside waits on workers, "
+              f"peak RSS {summary['driver_peak_rss_gib']:.2f} GiB")
     return summary
 
 
