@@ -185,6 +185,7 @@ def step_breakdown(record: dict, samples: int, new_tokens: int, trained_tokens: 
     out["generated_tok_s"] = samples * new_tokens / parts["generation"] if parts["generation"] else float("nan")
     if peak_tflops and parts["training"]:
         out["train_mfu"] = flops_per_token * trained_tokens / parts["training"] / (peak_tflops * 1e12)
+    out["driver_s"] = record.get("time/driver", float("nan"))  # part of rest_s: the driver's own work
     out["driver_peak_rss_gib"] = record.get("driver/peak_rss_gib", float("nan"))
     return out
 
@@ -242,7 +243,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     rows = [("step (wall)", "step_s"), ("generation", "generation_s"), ("reference log-probs", "reference_s"),
             ("old log-probs", "old_logprobs_s"), ("reward", "reward_s"), ("training", "training_s"),
-            ("sync", "sync_s"), ("rest (driver, offload, idle)", "rest_s")]
+            ("sync", "sync_s"), ("rest (driver, offload, idle)", "rest_s"), ("of which the driver", "driver_s")]
     table = "| part | seconds per step | share |\n|---|---|---|\n" + "\n".join(
         f"| {label} | {mean[key]:.2f} | {mean[key] / mean['step_s']:.0%} |" for label, key in rows)
     extra = [f"generated tokens/s: {mean['generated_tok_s']:,.0f}"]
