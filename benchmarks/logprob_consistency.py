@@ -60,7 +60,7 @@ def generate(rt: Runtime, prompts: list[list[int]], overrides: dict, seeds: bool
 
 
 def gap(rt: Runtime, batch: dict, rows: int = 32) -> dict[str, float]:
-    """Score the batch with the trainer, ``rows`` at a time (full-vocabulary logits are large)."""
+    """Score the batch with the trainer, ``rows`` at a time (the logits are large)."""
     trainer = rt.dist["trainer"]
     keys = ("input_ids", "loss_mask", "sampling_temperature", "sampling_top_k", "sampling_top_p")
     scored = []

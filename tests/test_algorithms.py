@@ -8,7 +8,7 @@ import torch
 
 from chatlearn.data.batching import split_batch
 
-from chatlearn.algorithms.core import (LossAggregator, entropy_from_logits, logprobs_from_logits, masked_mean,
+from chatlearn.algorithms.core import (LossAggregator, entropy_from_logits, masked_mean,
                                        masked_whiten, masked_whiten_global, nucleus_mask, sampling_logprobs,
                                        sequence_logprob, shift_to_token_positions)
 from chatlearn.algorithms.dpo import DPOConfig, DPOPairs, dpo_loss, rank_pair
@@ -32,7 +32,7 @@ def test_logprobs_entropy_and_shift_are_aligned_with_tokens():
     logits = torch.zeros(1, 3, 4)
     logits[0, 0, 2] = math.log(3.0)  # after token 0: p(2) = 3/6
     ids = torch.tensor([[1, 2, 0]])
-    logp = logprobs_from_logits(logits, ids)
+    logp = sampling_logprobs(logits, ids)
     assert logp[0, 0] == 0  # nothing predicts the first token
     assert logp[0, 1].item() == pytest.approx(math.log(0.5))
     assert logp[0, 2].item() == pytest.approx(math.log(0.25))
@@ -197,7 +197,8 @@ def test_sampling_logprobs_equal_vllms_processed_logprobs_and_stay_finite():
         assert torch.isfinite(got[row]).all()
     assert (got[:, 0] == 0).all()
     # No filter, no temperature: the plain log-softmax.
-    assert torch.allclose(sampling_logprobs(logits, ids), logprobs_from_logits(logits, ids))
+    plain = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(sampling_logprobs(logits, ids)[:, 1:], plain, atol=1e-6)
 
 
 def test_sampling_logprobs_gradients_flow_through_the_nucleus():

@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, model_dirs: list, input_ids: torch.Tensor, re
                 load_hf_weights(model, hf_cfg, model_dir)
                 layer = model.decoder.layers[0].self_attention
                 assert isinstance(layer.core_attention, attention)
-                # [b, s] ids -> [b, s, V] logits (full vocabulary: parallel_output=False)
+                # [b, s] ids -> [b, s, V / TP] logits (this rank's vocabulary slice: parallel_output=True)
                 with cpu_compat.cpu_device_mode():  # megatron's own attention allocates "cuda" buffers
                     logits = model(input_ids, position_ids=None, attention_mask=None)
                     loss = (logits.float().log_softmax(-1)[..., 5]).mean()

@@ -38,16 +38,17 @@ def _worker(rank: int, world: int, model_dir: str, out: str) -> None:
     from megatron.core import parallel_state as ps
     from safetensors.torch import load_file
 
-    from chatlearn.algorithms.core import LossAggregator, logprobs_from_logits
+    from chatlearn.algorithms.core import LossAggregator, sampling_logprobs
     from chatlearn.data.batching import split_global_batch
     from chatlearn.models.megatron.model import unwrap
     from chatlearn.models.megatron.module import MegatronModule, MegatronSettings
+    from chatlearn.models.megatron.schedule import vocab_group
 
     class WeightedNLL(MegatronModule):
         mode = "token-mean"
 
         def loss_fn(self, logits, micro_batch):
-            logp = logprobs_from_logits(logits, micro_batch["input_ids"])
+            logp = sampling_logprobs(logits, micro_batch["input_ids"], group=vocab_group())
             agg = LossAggregator(micro_batch, micro_batch["loss_mask"])
             loss = agg.loss(-logp * micro_batch["w"], self.mode)
             return loss, {"loss": loss.detach()}

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional, TypeVar
 
 import torch
 
+from chatlearn.algorithms.vocab_parallel import gather_vocab, group_size_and_rank, vocab_parallel_logprobs_entropy
+
 ConfigT = TypeVar("ConfigT")
 
 
@@ -92,13 +94,6 @@ def _collective_device() -> torch.device:
     return platform.torch_device()
 
 
-def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """``[b, s]`` token log-probs aligned with ``input_ids`` (position 0 is 0), in fp32."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return torch.nn.functional.pad(picked, (1, 0), value=0.0)
-
-
 # ---------------------------------------------------------------------------------------------
 # The sampling distribution
 #
@@ -149,11 +144,44 @@ def nucleus_mask(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Opt
     return torch.zeros_like(remove).scatter_(1, order, ~remove)
 
 
+def _tempered(temperature: Optional[torch.Tensor], rows: int, device: torch.device) -> torch.Tensor:
+    """Per-row fp32 temperatures; a temperature below ``GREEDY_TEMPERATURE`` counts as 1, as in vLLM."""
+    t = torch.ones(rows, device=device) if temperature is None else temperature.to(device=device, dtype=torch.float32)
+    return torch.where(t < GREEDY_TEMPERATURE, torch.ones_like(t), t)
+
+
+def _next_token_stats(logits: torch.Tensor, input_ids: torch.Tensor, temperature: torch.Tensor,
+                      group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(token t+1), entropy)`` of the tempered softmax at every position t, ``[b, s]``.
+
+    Computed on all ``s`` positions, the last included (its target is a dummy 0 and the
+    callers drop it): ``logits[:, :-1]`` would be a non-contiguous view, which the
+    vocab-parallel kernel would have to copy whole."""
+    targets = torch.nn.functional.pad(input_ids[:, 1:].to(logits.device), (0, 1), value=0)
+    return vocab_parallel_logprobs_entropy(logits, targets, temperature[:, None], group)
+
+
 def sampling_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: Optional[torch.Tensor] = None,
                       top_k: Optional[torch.Tensor] = None, top_p: Optional[torch.Tensor] = None,
-                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[b, s]`` log-probs of ``input_ids`` under the sampling distribution q, aligned with
-    ``input_ids`` (position 0 is 0), in fp32, differentiable.
+                      mask: Optional[torch.Tensor] = None, group: Any = None) -> torch.Tensor:
+    """``[b, s]`` log-probs of ``input_ids`` under the sampling distribution q: the first half of
+    :func:`sampling_logprobs_and_entropy`, which says what the arguments are."""
+    return sampling_logprobs_and_entropy(logits, input_ids, temperature, top_k, top_p, mask, group)[0]
+
+
+def sampling_logprobs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor,
+                                  temperature: Optional[torch.Tensor] = None, top_k: Optional[torch.Tensor] = None,
+                                  top_p: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                                  group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, s]`` log-probs of ``input_ids`` under the sampling distribution q, and ``[b, s]``
+    entropies of the tempered next-token distribution softmax(logits / T) (see
+    :func:`entropy_from_logits`); both aligned with ``input_ids`` (position 0 is 0), in fp32,
+    differentiable. One pass over the logits for both: a loss that uses both gets one
+    gradient tensor for the logits, not two to add up.
+
+    ``logits`` [b, s, V_local]: this rank's vocabulary slice when ``group`` is the tensor-parallel
+    group of a vocab-parallel LM head (``chatlearn.models.megatron.schedule.vocab_group()``), else the whole
+    vocabulary (``group`` None). Collective over ``group``.
 
     ``temperature``, ``top_k`` and ``top_p`` are per-row ``[b]`` tensors (None: 1, off, off;
     a temperature below ``GREEDY_TEMPERATURE`` counts as 1, as in vLLM). Top-k/top-p are
@@ -165,14 +193,18 @@ def sampling_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature
     slightly (bf16 logits, or weights that moved since sampling) it keeps the log-prob
     finite instead of -inf, so no ratio or KL can become infinite.
 
-    Memory: rows are processed a few at a time (``_row_chunk``), so no fp32 copy of the
-    whole ``[b, s, vocab]`` logits is made beyond what autograd keeps for training.
+    Memory: the tempered log-softmax is computed vocab-parallel, a chunk of positions at a
+    time (``chatlearn.algorithms.vocab_parallel``): no fp32 copy of the logits is made or
+    kept for the backward pass. Only the top-k/top-p positions (a sort over the whole
+    vocabulary) gather their full-vocabulary rows, ``_NUCLEUS_CHUNK_ROWS`` at a time.
     """
-    b, length, vocab = logits.shape
+    b, _, vocab_local = logits.shape
     device = logits.device
+    t = _tempered(temperature, b, device)
+    logp, entropy = _next_token_stats(logits, input_ids, t, group)
+    logp = logp[:, :-1]
     targets = input_ids[:, 1:].to(device)
-    t = torch.ones(b, device=device) if temperature is None else temperature.to(device=device, dtype=torch.float32)
-    t = torch.where(t < GREEDY_TEMPERATURE, torch.ones_like(t), t)
+    vocab = vocab_local * group_size_and_rank(group)[0]
     filtered = torch.zeros(b, dtype=torch.bool, device=device)
     if top_k is not None:
         k = top_k.to(device)
@@ -182,33 +214,23 @@ def sampling_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature
     where = filtered[:, None].expand_as(targets)
     if mask is not None:
         where = where & (mask[:, 1:].to(device) > 0)
-    chunks = []
-    step = _row_chunk(length - 1, vocab)
-    for r0 in range(0, b, step):
-        r1 = min(r0 + step, b)
-        z = logits[r0:r1, :-1].float() / t[r0:r1, None, None]
-        target = targets[r0:r1]
-        picked = z.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
-        if where[r0:r1].any():
-            rows, cols = where[r0:r1].nonzero(as_tuple=True)
-            values = []
-            for i in range(0, rows.numel(), _NUCLEUS_CHUNK_ROWS):
-                r, c = rows[i:i + _NUCLEUS_CHUNK_ROWS], cols[i:i + _NUCLEUS_CHUNK_ROWS]
-                sub, tok = z[r, c], target[r, c]
-                with torch.no_grad():
-                    keep = nucleus_mask(sub, None if top_k is None else top_k.to(device)[r0:r1][r],
-                                        None if top_p is None else top_p.to(device)[r0:r1][r])
-                    keep.scatter_(1, tok.unsqueeze(1), True)
-                norm = torch.logsumexp(sub.masked_fill(~keep, float("-inf")), dim=-1)
-                values.append(sub.gather(1, tok.unsqueeze(1)).squeeze(1) - norm)
-            picked = picked.index_put((rows, cols), torch.cat(values))
-        chunks.append(picked)
-    return torch.nn.functional.pad(torch.cat(chunks), (1, 0), value=0.0)
-
-
-def _row_chunk(positions: int, vocab: int, budget_bytes: int = 1 << 30) -> int:
-    """Rows whose fp32 ``[rows, positions, vocab]`` logits fit in ``budget_bytes`` (at least one)."""
-    return max(1, budget_bytes // max(1, positions * vocab * 4))
+    # ``where`` is the same on every TP rank (so is the micro-batch): all of them take this
+    # branch and make the same gathers.
+    if where.any():
+        rows, cols = where.nonzero(as_tuple=True)
+        values = []
+        for i in range(0, rows.numel(), _NUCLEUS_CHUNK_ROWS):
+            r, c = rows[i:i + _NUCLEUS_CHUNK_ROWS], cols[i:i + _NUCLEUS_CHUNK_ROWS]
+            sub = gather_vocab(logits[r, c], group).float() / t[r, None]
+            tok = targets[r, c]
+            with torch.no_grad():
+                keep = nucleus_mask(sub, None if top_k is None else top_k.to(device)[r],
+                                    None if top_p is None else top_p.to(device)[r])
+                keep.scatter_(1, tok.unsqueeze(1), True)
+            norm = torch.logsumexp(sub.masked_fill(~keep, float("-inf")), dim=-1)
+            values.append(sub.gather(1, tok.unsqueeze(1)).squeeze(1) - norm)
+        logp = logp.index_put((rows, cols), torch.cat(values))
+    return torch.nn.functional.pad(logp, (1, 0), value=0.0), torch.nn.functional.pad(entropy[:, :-1], (1, 0), value=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,19 +297,16 @@ class LossAggregator:
         return (per_sample * valid).sum() / max(self.num_samples / rows_per_sample, 1.0)
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[b, s]`` entropy of the next-token distribution (at the rows' ``temperature``, [b],
-    when given), aligned like ``logprobs_from_logits``; a few rows at a time (``_row_chunk``)."""
-    b, length, vocab = logits.shape
-    t = torch.ones(b, device=logits.device) if temperature is None else \
-        temperature.to(device=logits.device, dtype=torch.float32)
-    t = torch.where(t < GREEDY_TEMPERATURE, torch.ones_like(t), t)
-    chunks = []
-    step = _row_chunk(length - 1, vocab)
-    for r0 in range(0, b, step):
-        logp = torch.log_softmax(logits[r0:r0 + step, :-1].float() / t[r0:r0 + step, None, None], dim=-1)
-        chunks.append(-(logp.exp() * logp).sum(-1))
-    return torch.nn.functional.pad(torch.cat(chunks), (1, 0), value=0.0)
+def entropy_from_logits(logits: torch.Tensor, temperature: Optional[torch.Tensor] = None,
+                        group: Any = None) -> torch.Tensor:
+    """``[b, s]`` entropy of the next-token distribution softmax(logits / T) (``temperature``:
+    per-row [b], None: 1; top-k/top-p are not applied), aligned with ``input_ids`` like
+    ``sampling_logprobs`` (position 0 is 0), fp32, differentiable. ``logits`` and ``group`` as
+    in ``sampling_logprobs``: vocab-parallel, a chunk of positions at a time."""
+    b, s, _ = logits.shape
+    dummy_ids = torch.zeros(b, s, dtype=torch.long, device=logits.device)
+    _, entropy = _next_token_stats(logits, dummy_ids, _tempered(temperature, b, logits.device), group)
+    return torch.nn.functional.pad(entropy[:, :-1], (1, 0), value=0.0)
 
 
 def shift_to_token_positions(per_position: torch.Tensor) -> torch.Tensor:

@@ -193,8 +193,8 @@ KEYS: dict[str, tuple[Rule, ...]] = {
     "masked_softmax_fusion": (_fixed(False, "the attention softmax is not fused"),),
     "gradient_accumulation_fusion": (_fixed(False, "gradients accumulate without the fused kernel",
                                             train_only=True),),
-    "parallel_output": (_fixed(False, "logits are gathered over tensor-parallel ranks before the "
-                                      "log-softmax (the same log-probs)"),),
+    "parallel_output": (_fixed(True, "logits stay split over tensor-parallel ranks; log-probs and entropy "
+                                     "are reduced over them (the same numbers)"),),
     "distributed_backend": (_inert("the engine picks gloo on CPU and NCCL on GPU"),),
     "distributed_timeout_minutes": (_inert("runtime.actor_timeout_s bounds every remote call"),),
     "build_path": (_inert("no fused kernels are compiled"),),

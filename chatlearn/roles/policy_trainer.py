@@ -29,13 +29,14 @@ from typing import Optional
 
 import torch
 
-from chatlearn.algorithms.core import (LOSS_AGG_MODES, LossAggregator, config_from_args, entropy_from_logits,
-                                       masked_whiten_global, sampling_logprobs, sampling_params, sequence_logprob)
+from chatlearn.algorithms.core import (LOSS_AGG_MODES, LossAggregator, config_from_args, masked_whiten_global,
+                                       sequence_logprob)
 from chatlearn.algorithms.dpo import PAIRED_KEYS, DPOConfig, dpo_loss
 from chatlearn.algorithms.grpo import GRPOConfig, kl_loss
 from chatlearn.algorithms.ppo import PPOConfig, policy_loss, truncated_is_weights
 from chatlearn.data.batching import concat_padded
 from chatlearn.models.megatron import MegatronModule
+from chatlearn.models.megatron.schedule import micro_batch_logprobs_and_entropy
 
 
 def behaviour_logprobs(batch: dict) -> torch.Tensor:
@@ -85,20 +86,19 @@ class _PolicyTrainer(MegatronModule):
         self._check_consistency = False
         return metrics
 
-    def _logprobs(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token log-probs of the sampling distribution and the response mask; records the
-        gap to the sampler's log-probs on a checked step."""
+    def _logprobs(self, logits: torch.Tensor, micro_batch: dict
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token log-probs of the sampling distribution (top-k/top-p on the response tokens), the
+        per-token entropy of the tempered distribution and the response mask, from the
+        vocab-parallel ``logits`` in one pass; records the gap to the sampler's log-probs on a
+        checked step."""
         mask = micro_batch["loss_mask"].to(logits.device).float()
-        logp = sampling_logprobs(logits, micro_batch["input_ids"], **sampling_params(micro_batch), mask=mask)
+        logp, entropy = micro_batch_logprobs_and_entropy(logits, micro_batch)
         if self._check_consistency and "old_logprobs" in micro_batch:
             valid = mask * micro_batch.get("sample_valid", torch.ones(mask.shape[0])).to(logits.device)[:, None]
             diff = (logp.detach() - behaviour_logprobs(micro_batch).to(logits.device))[valid > 0]
             self._consistency.append(diff.cpu())
-        return logp, mask
-
-    def _entropy(self, logits: torch.Tensor, micro_batch: dict) -> torch.Tensor:
-        """Per-token entropy of the tempered next-token distribution."""
-        return entropy_from_logits(logits, sampling_params(micro_batch).get("temperature"))
+        return logp, entropy, mask
 
     def _is_weights(self, micro_batch: dict, device: torch.device) -> Optional[torch.Tensor]:
         if not self.cfg.tis_cap:
@@ -110,10 +110,10 @@ class _PolicyTrainer(MegatronModule):
                                     micro_batch["behaviour_logprobs"].to(device), self.cfg.tis_cap)
 
     def _surrogate(self, logits: torch.Tensor, micro_batch: dict, clip_eps: float
-                   ) -> tuple[torch.Tensor, dict, torch.Tensor, LossAggregator]:
-        """The clipped surrogate (PPO and GRPO): loss share, metrics, log-probs, aggregator."""
+                   ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor, LossAggregator]:
+        """The clipped surrogate (PPO and GRPO): loss share, metrics, log-probs, entropy, aggregator."""
         device = logits.device
-        logp, mask = self._logprobs(logits, micro_batch)
+        logp, entropy, mask = self._logprobs(logits, micro_batch)
         agg = LossAggregator(micro_batch, mask)
         weights = self._is_weights(micro_batch, device)
         loss, metrics = policy_loss(logp, micro_batch["old_logprobs"].to(device), micro_batch["advantages"].to(device),
@@ -121,7 +121,7 @@ class _PolicyTrainer(MegatronModule):
         if weights is not None:
             metrics["tis/weight_mean"] = agg.token_mean(weights)
             metrics["tis/capped_fraction"] = agg.token_mean((weights >= self.cfg.tis_cap).float())
-        return loss, metrics, logp, agg
+        return loss, metrics, logp, entropy, agg
 
 
 class PolicyTrainer(_PolicyTrainer):
@@ -137,9 +137,8 @@ class PolicyTrainer(_PolicyTrainer):
         return super().train_step(data_list, iteration)
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
-        loss, metrics, _, agg = self._surrogate(logits, micro_batch, self.cfg.clip_eps)
+        loss, metrics, _, entropy, agg = self._surrogate(logits, micro_batch, self.cfg.clip_eps)
         metrics["loss/policy"] = loss.detach()
-        entropy = self._entropy(logits, micro_batch)
         if self.cfg.entropy_coef:
             loss = loss - self.cfg.entropy_coef * agg.loss(entropy, self.cfg.loss_agg_mode)
         metrics["entropy"] = agg.token_mean(entropy.detach())
@@ -153,11 +152,11 @@ class GRPOTrainer(_PolicyTrainer):
     needs_rollout_keys = ("advantages",)  # from the GRPO preset's driver step
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
-        surrogate, metrics, logp, agg = self._surrogate(logits, micro_batch, self.cfg.clip_eps)
+        surrogate, metrics, logp, entropy, agg = self._surrogate(logits, micro_batch, self.cfg.clip_eps)
         kl = kl_loss(logp, micro_batch["ref_logprobs"].to(logits.device), agg, self.cfg.loss_agg_mode)
         loss = surrogate + self.cfg.kl_coef * kl
         metrics.update({"loss/policy": surrogate.detach(), "kl": kl.detach(),
-                        "entropy": agg.token_mean(self._entropy(logits, micro_batch).detach())})
+                        "entropy": agg.token_mean(entropy.detach())})
         return loss, metrics
 
 
@@ -181,7 +180,7 @@ class DPOTrainer(_PolicyTrainer):
         return super().train_step([_stack_pair(mb) for mb in data_list], iteration)
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
-        logp, mask = self._logprobs(logits, micro_batch)
+        logp, entropy, mask = self._logprobs(logits, micro_batch)
         agg = LossAggregator(micro_batch, mask)
         policy = sequence_logprob(logp, mask)
         ref = sequence_logprob(micro_batch["ref_logprobs"].to(logits.device), mask)
@@ -189,7 +188,7 @@ class DPOTrainer(_PolicyTrainer):
         loss, metrics = dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], self.cfg.beta, agg,
                                  nll_coef=self.cfg.nll_coef, chosen_tokens=mask[:pairs].sum(-1))
         metrics.update({"loss/policy": loss.detach(),
-                        "entropy": agg.token_mean(self._entropy(logits, micro_batch).detach())})
+                        "entropy": agg.token_mean(entropy.detach())})
         return loss, metrics
 
 

@@ -377,8 +377,10 @@ def build_gpt_model(hf_config: Union[dict, Any], config, vp_stage: Optional[int]
             post_process=ps.is_pipeline_last_stage(),
             share_embeddings_and_output_weights=arch.tie_word_embeddings,
             **rope_model_kwargs(arch),
-            # Full-vocab logits are gathered inside the model; simpler for logprobs.
-            parallel_output=False,
+            # Vocab-parallel logits: each TP rank keeps its [b, s, V / TP] slice and the log-probs
+            # and entropy are reduced over TP (chatlearn.algorithms.vocab_parallel), so no rank
+            # holds the full-vocabulary logits. A score model's ScoreHead below ignores it.
+            parallel_output=True,
         )
         if arch.num_labels and model.post_process:
             model.output_layer = ScoreHead(arch.hidden_size, arch.num_labels, config.params_dtype)
@@ -389,6 +391,14 @@ def build_gpt_model(hf_config: Union[dict, Any], config, vp_stage: Optional[int]
 
             model = Float16Module(config, model)
     return model
+
+
+def vocab_parallel_output(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s output is vocab-parallel logits (a causal LM's last stage under TP:
+    each rank its vocabulary slice), not a score head's [b, s, num_labels]."""
+    gpt = unwrap(model)
+    return bool(getattr(gpt, "parallel_output", False)) and not isinstance(getattr(gpt, "output_layer", None),
+                                                                         ScoreHead)
 
 
 class ScoreHead(torch.nn.Module):

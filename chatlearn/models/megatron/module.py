@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from chatlearn.algorithms.core import (GLOBAL_NUM_SAMPLES, GLOBAL_NUM_TOKENS, SAMPLING_KEYS, LossAggregator,
-                                       logprobs_from_logits)
+                                       sampling_logprobs)
 from chatlearn.data.batching import SAMPLE_VALID, split_batch, split_global_batch
 from chatlearn.models.base import BaseModule
 from chatlearn.models.megatron import cpu_compat, dist_ckpt
@@ -32,7 +32,7 @@ from chatlearn.models.megatron.model import (ATTENTION_BACKENDS, build_gpt_model
                                              optimizer_parts, transformer_config_from_hf, unwrap)
 from chatlearn.models.megatron.parallel import initialize_parallel_state
 from chatlearn.models.megatron.schedule import (forward_logits, forward_logprobs, group_by_length, pad_micro_batches,
-                                               run_micro_batches)
+                                               run_micro_batches, vocab_group)
 from chatlearn.models.offload import HostOffload, model_tensors, offload_target_available
 from chatlearn.utils import platform
 from chatlearn.utils.rng import capture_rng_state, restore_rng_state
@@ -310,7 +310,16 @@ class MegatronModule(BaseModule):
 
     # -- training -----------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
-        """Loss of one micro-batch from its logits [b, s, V] (last stage only).
+        """Loss of one micro-batch from its logits (last stage only).
+
+        A causal LM's ``logits`` are vocab-parallel: this tensor-parallel rank's slice of the
+        vocabulary, ``[b, s, V / TP]``, in the model's dtype. Get token log-probs and entropies
+        from them with ``chatlearn.models.megatron.schedule.micro_batch_logprobs_and_entropy``
+        (the micro-batch's sampling settings) or ``chatlearn.algorithms.core``'s
+        ``sampling_logprobs_and_entropy`` / ``sampling_logprobs`` / ``entropy_from_logits`` with
+        ``group=vocab_group()``; they reduce over the TP group, a chunk of positions at a
+        time, and never build the full-vocabulary fp32 logits. A score model's ``logits``
+        are its head's ``[b, s, num_labels]``, the same on every TP rank.
 
         Returns ``(loss, metrics)`` where the loss and every metric are this
         micro-batch's SHARE of the global batch's value: build them with
@@ -330,7 +339,7 @@ class MegatronModule(BaseModule):
         if self.is_score_model:
             raise NotImplementedError(f"{type(self).__name__}: a reward/value model needs its own loss_fn")
         input_ids = micro_batch["input_ids"].to(logits.device)
-        logp = logprobs_from_logits(logits, input_ids)
+        logp = sampling_logprobs(logits, input_ids, group=vocab_group())
         agg = LossAggregator(micro_batch, _token_mask(micro_batch).to(logits.device))
         loss = agg.token_mean(-logp)
         return loss, {"loss": loss.detach()}

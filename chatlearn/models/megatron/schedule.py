@@ -19,11 +19,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from chatlearn.algorithms.core import sampling_logprobs, sampling_params
+from chatlearn.algorithms.core import sampling_logprobs_and_entropy, sampling_params
+from chatlearn.algorithms.vocab_parallel import gather_vocab
 from chatlearn.models.megatron import cpu_compat
 from chatlearn.utils import platform
 
-# loss_fn(logits [b, s, V] fp32, micro_batch) -> (scalar loss, metrics dict of floats/tensors)
+# loss_fn(logits, micro_batch) -> (scalar loss, metrics dict of floats/tensors). A causal LM's
+# logits are this TP rank's vocabulary slice [b, s, V / TP] (vocab-parallel, see vocab_group),
+# a score model's its head's [b, s, num_labels]; in the model's dtype.
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
 
@@ -91,6 +94,32 @@ def group_by_length(micro_batches: list[dict], pad_id: int = 0) -> tuple[list[di
     return out, order
 
 
+def vocab_group() -> Any:
+    """The process group a causal LM's logits are split over (the tensor-parallel group), None
+    with TP 1. Pass it as ``group=`` to ``chatlearn.algorithms.core.sampling_logprobs`` /
+    ``entropy_from_logits`` (or use :func:`micro_batch_logprobs_and_entropy`)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
+def _keeps_half_precision_output(model: torch.nn.Module) -> dict:
+    """``fp32_output=False`` for a model under megatron's ``Float16Module`` (GPU, bf16/fp16):
+    by default it would cast the last stage's logits to a full fp32 copy; the log-prob code
+    converts a chunk at a time instead. ``{}`` for any other model."""
+    import inspect
+
+    from megatron.core.transformer.module import Float16Module
+
+    if "fp32_output" not in inspect.signature(Float16Module.forward).parameters:
+        return {}  # a megatron-core without the switch: its fp32 copy stays
+    while model is not None:
+        if isinstance(model, Float16Module):
+            return {"fp32_output": False}
+        model = getattr(model, "module", None)
+    return {}
+
+
 def _model_inputs(mb: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     input_ids = mb["input_ids"].to(device)
     b, s = input_ids.shape
@@ -121,12 +150,13 @@ def run_micro_batches(
                          "shape: pad them first (pad_micro_batches)")
     device = platform.torch_device()
     batches = iter(micro_batches)
+    output_kwargs = _keeps_half_precision_output(model)
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator)
         input_ids, position_ids = _model_inputs(mb, device)
         # attention_mask None: the local attention applies its causal mask.
-        logits = chunk(input_ids, position_ids, None)
+        logits = chunk(input_ids, position_ids, None, **output_kwargs)
         if not ps.is_pipeline_last_stage():
             return logits, None
 
@@ -158,9 +188,19 @@ def run_micro_batches(
 
 
 def micro_batch_logprobs(logits: torch.Tensor, mb: dict) -> torch.Tensor:
-    """Token log-probs of one micro-batch, of the sampling distribution its rows carry
-    (``SAMPLING_KEYS``; top-k/top-p at its ``loss_mask`` positions), else of the softmax."""
-    return sampling_logprobs(logits, mb["input_ids"], **sampling_params(mb), mask=mb.get("loss_mask"))
+    """Token log-probs [b, s] of one micro-batch: the first half of
+    :func:`micro_batch_logprobs_and_entropy`."""
+    return micro_batch_logprobs_and_entropy(logits, mb)[0]
+
+
+def micro_batch_logprobs_and_entropy(logits: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs [b, s] of one micro-batch from a causal LM's vocab-parallel logits, of
+    the sampling distribution its rows carry (``SAMPLING_KEYS``; top-k/top-p at its
+    ``loss_mask`` positions), else of the softmax; and the per-token entropy [b, s] of the
+    tempered next-token distribution. One pass over the logits; collective over the TP group
+    (``chatlearn.algorithms.core.sampling_logprobs_and_entropy``)."""
+    return sampling_logprobs_and_entropy(logits, mb["input_ids"], **sampling_params(mb), mask=mb.get("loss_mask"),
+                                         group=vocab_group())
 
 
 def forward_logprobs(model: torch.nn.Module, micro_batches: list[dict]) -> Optional[torch.Tensor]:
@@ -174,10 +214,16 @@ def forward_logprobs(model: torch.nn.Module, micro_batches: list[dict]) -> Optio
 
 
 def forward_logits(model: torch.nn.Module, micro_batches: list[dict]) -> Optional[torch.Tensor]:
-    """Full-vocab logits [sum b, s, V] on the last stage; None elsewhere (for tests/debugging)."""
+    """The model's outputs [sum b, s, V] in fp32 on the last stage, None elsewhere: a causal
+    LM's full-vocabulary logits (gathered over TP: large; for tests and debugging), a score
+    model's head outputs [sum b, s, num_labels]."""
+    from chatlearn.models.megatron.model import vocab_parallel_output
+
+    group = vocab_group() if vocab_parallel_output(model) else None
     model.eval()
     with torch.no_grad():
-        outs = run_micro_batches(model, micro_batches, lambda logits, mb: logits.float().cpu(), forward_only=True)
+        outs = run_micro_batches(model, micro_batches, lambda logits, mb: gather_vocab(logits, group).float().cpu(),
+                                 forward_only=True)
     return _cat_rows(outs) if outs else None
 
 
