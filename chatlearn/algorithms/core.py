@@ -157,7 +157,7 @@ def _next_token_stats(logits: torch.Tensor, input_ids: torch.Tensor, temperature
     Computed on all ``s`` positions, the last included (its target is a dummy 0 and the
     callers drop it): ``logits[:, :-1]`` would be a non-contiguous view, which the
     vocab-parallel kernel would have to copy whole."""
-    targets = torch.nn.functional.pad(input_ids[:, 1:].to(logits.device), (0, 1), value=0)
+    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=0)  # moved by the kernel
     return vocab_parallel_logprobs_entropy(logits, targets, temperature[:, None], group)
 
 

@@ -78,7 +78,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         step = chunk_rows(vocab_local, chunk_bytes)
         for r0 in range(0, n, step):
             r1 = min(r0 + step, n)
-            z = logits[r0:r1].float() * inv_temperature[r0:r1, None]
+            z = logits[r0:r1] * inv_temperature[r0:r1, None]  # fp32 (type promotion), one pass
             # Global max first, so that exp() cannot overflow on any rank.
             m = _all_reduce(z.max(dim=-1).values, dist.ReduceOp.MAX, group)
             u = z.sub_(m[:, None])  # z - m, in place
@@ -101,6 +101,9 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         entropy = lse - mean_z
         ctx.save_for_backward(logits, local_target, owned, inv_temperature, lse, mean_z)
         ctx.chunk_bytes = chunk_bytes
+        # An output the loss does not use (the entropy when it is only a metric) gets None, not
+        # zeros, in backward: its term is then skipped, half the passes over each chunk.
+        ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
@@ -108,23 +111,27 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         logits, local_target, owned, inv_temperature, lse, mean_z = ctx.saved_tensors
         n, vocab_local = logits.shape
         grad = torch.empty_like(logits)
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
         zeros = torch.zeros_like(lse)
         step = chunk_rows(vocab_local, ctx.chunk_bytes)
         for r0 in range(0, n, step):
             r1 = min(r0 + step, n)
             inv_t = inv_temperature[r0:r1, None]
-            g_logp = zeros[r0:r1, None] if grad_logp is None else grad_logp[r0:r1, None]
-            g_ent = zeros[r0:r1, None] if grad_entropy is None else grad_entropy[r0:r1, None]
-            z = logits[r0:r1].float() * inv_t
-            p = (z - lse[r0:r1, None]).exp_()
-            # dz_i = g_logp (1[i = t] - p_i) - g_ent p_i (z_i - E_p[z])
-            #      = -p_i (g_logp + g_ent (z_i - E_p[z])) + g_logp 1[i = t]
-            # computed in place in the chunk's two fp32 tensors.
-            dz = p.mul_(z.sub_(mean_z[r0:r1, None]).mul_(g_ent).add_(g_logp)).neg_()
+            # dz_i = g_logp (1[i = t] - p_i) - g_ent p_i (z_i - E_p[z]), and dx = dz / T: the 1/T
+            # is folded into the per-position factors, so each chunk is a few in-place passes.
+            g_logp = (zeros[r0:r1, None] if grad_logp is None else grad_logp[r0:r1, None]) * inv_t
+            z = logits[r0:r1] * inv_t  # fp32 (type promotion)
+            if grad_entropy is None:  # dx_i = -p_i g_logp / T (+ the one-hot term below)
+                dz = z.sub_(lse[r0:r1, None]).exp_().mul_(-g_logp)
+            else:  # dx_i = -p_i (g_logp + g_ent (z_i - E_p[z])) / T
+                g_ent = grad_entropy[r0:r1, None] * inv_t
+                p = (z - lse[r0:r1, None]).exp_()
+                dz = p.mul_(z.sub_(mean_z[r0:r1, None]).mul_(g_ent).add_(g_logp)).neg_()
             # The one-hot term only on the rank owning the target.
             dz.scatter_add_(1, local_target[r0:r1, None], g_logp * owned[r0:r1, None].to(g_logp.dtype))
-            grad[r0:r1] = dz.mul_(inv_t)  # dz/dx = 1/T; cast to the logits' dtype on assignment
-            del z, p, dz
+            grad[r0:r1] = dz  # cast to the logits' dtype on assignment
+            del z, dz
         return grad, None, None, None, None
 
 
@@ -145,7 +152,8 @@ def vocab_parallel_logprobs_entropy(logits: torch.Tensor, targets: torch.Tensor,
     if targets.shape != lead:
         raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
     world, _ = group_size_and_rank(group)
-    if world == 1 and targets.numel() and int(targets.max()) >= vocab_local:
+    # Checked on host tensors only: on a GPU, reading targets.max() would wait for the device.
+    if world == 1 and targets.device.type == "cpu" and targets.numel() and int(targets.max()) >= vocab_local:
         # Most likely a vocab-parallel shard passed without its group: the answer would be wrong.
         raise ValueError(f"token id {int(targets.max())} is outside the logits' {vocab_local} tokens; "
                          f"pass the tensor-parallel group for vocab-parallel logits")

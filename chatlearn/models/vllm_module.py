@@ -130,6 +130,9 @@ def sampling_kwargs(
         ignore_eos=bool(args.get("ignore_eos", False)),
         max_tokens=max_tokens,
         logprobs=SAMPLED_TOKEN_LOGPROBS,
+        # One flat list per completion instead of a dict per token: 10% faster generation at 512 x
+        # 1024 tokens on an H200 (benchmarks/vllm_generation.py), and read without a dict per token.
+        flat_logprobs=True,
         # The text a reward reads then decodes exactly the tokens trained on.
         include_stop_str_in_output=bool(args.get("include_stop_str_in_output", True)),
     )
@@ -752,16 +755,22 @@ class VLLMModule(BaseModule):
         token_ids = list(completion.token_ids)
         if completion.logprobs is None or len(completion.logprobs) != len(token_ids):
             raise RuntimeError("vLLM returned no logprob for some sampled tokens")
+        steps = completion.logprobs
+        if list(getattr(steps, "token_ids", ())) == token_ids:
+            logprobs = list(steps.logprobs)  # flat, one entry per position: the sampled token's
+        else:  # per-position dicts (or the sampled token plus others at some position)
+            logprobs = [step[token].logprob for step, token in zip(steps, token_ids)]
         result = {
             "token_ids": token_ids,
-            "logprobs": [step[token].logprob for step, token in zip(completion.logprobs, token_ids)],
+            "logprobs": logprobs,
             "text": completion.text,
             "finish_reason": completion.finish_reason,
         }
         if request_output.prompt_logprobs is not None:
             ids = request_output.prompt_token_ids
-            # The first prompt token has no logprob (nothing precedes it).
-            result["prompt_logprobs"] = [0.0 if step is None else step[token].logprob
+            # The first prompt token has no logprob (nothing precedes it): None, or an empty
+            # entry in the flat container.
+            result["prompt_logprobs"] = [0.0 if not step else step[token].logprob
                                          for step, token in zip(request_output.prompt_logprobs, ids)]
         return result
 

@@ -120,6 +120,25 @@ def _keeps_half_precision_output(model: torch.nn.Module) -> dict:
     return {}
 
 
+def _on_device(mb: dict, device: torch.device) -> dict:
+    """``mb`` with its ``[b, ...]`` tensors on ``device``, all copied before the schedule runs.
+
+    On a GPU, every host-to-device ``.to()`` inside a loss would wait for the device to finish
+    its queue, so the host could never launch one micro-batch while the GPU runs another.
+    What needs host values stays on the host: 0-dim tensors (the global batch totals a loss
+    reads with ``float()``), and top-k/top-p settings that are off on every row are left out
+    (``sampling_logprobs`` would otherwise look at them on the device)."""
+    out = {}
+    for key, value in mb.items():
+        if key == "sampling_top_k" and isinstance(value, torch.Tensor) and bool((value <= 0).all()):
+            continue
+        if key == "sampling_top_p" and isinstance(value, torch.Tensor) and bool((value >= 1).all()):
+            continue
+        moves = isinstance(value, torch.Tensor) and value.dim() > 0 and value.device != device
+        out[key] = value.to(device, non_blocking=True) if moves else value
+    return out
+
+
 def _model_inputs(mb: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     input_ids = mb["input_ids"].to(device)
     b, s = input_ids.shape
@@ -149,7 +168,7 @@ def run_micro_batches(
         raise ValueError("with pipeline parallelism all micro-batches of one call need the same [batch, seq] "
                          "shape: pad them first (pad_micro_batches)")
     device = platform.torch_device()
-    batches = iter(micro_batches)
+    batches = iter([_on_device(mb, device) for mb in micro_batches])
     output_kwargs = _keeps_half_precision_output(model)
 
     def forward_step(data_iterator, chunk):
