@@ -62,9 +62,9 @@ def run(tiny, name: str, kill: str | None = None, **knobs) -> subprocess.Complet
 
 
 def comparable(run_dir) -> list[dict]:
-    """Every logged metric but timings (and the sync's own timings and rates, the driver's memory)."""
+    """Every logged metric but timings (and the sync's own timings and rates, the driver's memory, start-up)."""
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "sync/", "driver/"))} for r in records]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "sync/", "driver/", "startup/"))} for r in records]
 
 
 def rollouts(out) -> dict[str, list[dict]]:
