@@ -298,6 +298,7 @@ def _megatron_worker(rank: int, world: int, model_dir: str, out_dir: str) -> Non
                        os.path.join(out_dir, f"tp{tp}.pt"))
 
 
+@pytest.mark.slow  # ~75 s on 2 cores; the function-level TP2 tests above run by default
 def test_megatron_tp2_logprobs_and_loss_gradient_equal_tp1(tmp_path):
     root = os.environ.get("CHATLEARN_TEST_ASSETS") or str(tmp_path / "assets")
     model_dir = str(ensure_tiny_assets(root, seed=3, arch="llama").model_dir)
