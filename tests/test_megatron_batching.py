@@ -46,6 +46,7 @@ def _worker(rank: int, world: int, model_dir: str, out: str) -> None:
 
     class WeightedNLL(MegatronModule):
         mode = "token-mean"
+        group_rows_by_length = True  # rows are independent: train_step may regroup them by length
 
         def loss_fn(self, logits, micro_batch):
             logp = sampling_logprobs(logits, micro_batch["input_ids"], group=vocab_group())
@@ -150,7 +151,7 @@ def _forward_worker(rank: int, world: int, model_dir: str, out: str) -> None:
         mask[r, :n] = 1
     data = {"input_ids": ids, "attention_mask": mask}
     grouped = module.forward_step(data, 0)["logprobs"]
-    module.group_rows_by_length = False
+    module.settings.forward_micro_batch_size = 0  # one micro-batch, padded to the longest row
     padded = module.forward_step(data, 1)["logprobs"]
     torch.save({"grouped": grouped, "padded": padded, "mask": mask}, out)
 

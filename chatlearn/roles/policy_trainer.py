@@ -47,6 +47,7 @@ def behaviour_logprobs(batch: dict) -> torch.Tensor:
 class _PolicyTrainer(MegatronModule):
     # The algorithm's settings dataclass (its keys are read from the model's YAML).
     config_class: type = PPOConfig
+    group_rows_by_length = True  # the PPO/GRPO losses treat rows independently (DPO's pairs: below)
 
     def setup(self) -> None:
         super().setup()

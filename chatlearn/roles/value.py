@@ -27,6 +27,7 @@ class ValueTrainer(MegatronModule):
     """
 
     needs_rollout_keys = ("returns",)  # from the PPO preset's driver step
+    group_rows_by_length = True  # the value loss treats rows independently
 
     def setup(self) -> None:
         super().setup()

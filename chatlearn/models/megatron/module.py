@@ -166,10 +166,11 @@ class MegatronSettings:
 
 class MegatronModule(BaseModule):
     settings: Optional[MegatronSettings] = None
-    # Without pipeline parallelism, train_step and forward_step sort rows by length across
-    # micro-batches (less padding). A loss that needs certain rows together in one
-    # micro-batch (DPO's stacked pairs) turns this off.
-    group_rows_by_length = True
+    # Without pipeline parallelism, forward_step sorts its rows by length across micro-batches
+    # (less padding; the outputs come back in order). train_step does so only for a class
+    # that sets this: its loss_fn must treat rows independently. Off by default, because a
+    # loss may rely on how rows are grouped (a reward model's or DPO's stacked pairs).
+    group_rows_by_length = False
 
     def __init__(self, name: str):
         super().__init__(name)
@@ -265,16 +266,16 @@ class MegatronModule(BaseModule):
         rows = split_batch({k: data[k] for k in keys if isinstance(data.get(k), torch.Tensor)})
         size = self.settings.forward_micro_batch_size or len(rows)
         (micro_batches,) = split_global_batch(rows, 1, size)
-        micro_batches, order = self._pad(micro_batches)
+        micro_batches, order = self._pad(micro_batches, regroup=True)
         return micro_batches, len(rows), order
 
-    def _pad(self, micro_batches: list[dict]) -> tuple[list[dict], Optional[torch.Tensor]]:
+    def _pad(self, micro_batches: list[dict], regroup: bool) -> tuple[list[dict], Optional[torch.Tensor]]:
         """Equal-shaped micro-batches under pipeline parallelism (its stages exchange fixed-shape
-        buffers); otherwise the rows sorted by length, each micro-batch padded only to its own
-        longest row (``group_by_length``; the order says where each row went)."""
+        buffers) or without ``regroup``; otherwise the rows sorted by length, each micro-batch
+        padded only to its own longest row (``group_by_length``; the order says where each row went)."""
         from megatron.core import parallel_state as ps
 
-        if ps.get_pipeline_model_parallel_world_size() > 1 or not self.group_rows_by_length:
+        if ps.get_pipeline_model_parallel_world_size() > 1 or not regroup:
             return pad_micro_batches(micro_batches, pad_id=self.settings.pad_token_id), None
         return group_by_length(micro_batches, pad_id=self.settings.pad_token_id)
 
@@ -329,8 +330,9 @@ class MegatronModule(BaseModule):
         micro-batches and the data-parallel ranks, so the optimizer sees the
         gradient of the global batch's loss, whatever the split.
 
-        Rows may arrive in other micro-batches than they were sent in, sorted by length
-        (``group_rows_by_length``); the shares add up to the same global value.
+        A class that sets ``group_rows_by_length`` gets its rows sorted by length across
+        micro-batches (other micro-batches than they were sent in); the shares add up to
+        the same global value.
 
         Default: next-token cross entropy, token mean over ``loss_mask``
         (aligned with ``input_ids``; default: every real token after the
@@ -361,7 +363,8 @@ class MegatronModule(BaseModule):
         model.train()
         model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        mbs, _ = self._pad([{k: v for k, v in d.items() if isinstance(v, torch.Tensor)} for d in data_list])
+        mbs, _ = self._pad([{k: v for k, v in d.items() if isinstance(v, torch.Tensor)} for d in data_list],
+                           regroup=self.group_rows_by_length)
         _set_global_totals(mbs)
         # Megatron divides each micro-batch's loss by their number and DDP averages
         # gradients over DP ranks; a share of the global loss must be summed instead.
