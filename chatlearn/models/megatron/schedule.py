@@ -15,6 +15,7 @@ longest row.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -103,15 +104,24 @@ def vocab_group() -> Any:
     return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
 
 
-def _keeps_half_precision_output(model: torch.nn.Module) -> dict:
-    """``fp32_output=False`` for a model under megatron's ``Float16Module`` (GPU, bf16/fp16):
-    by default it would cast the last stage's logits to a full fp32 copy; the log-prob code
-    converts a chunk at a time instead. ``{}`` for any other model."""
+@functools.lru_cache(maxsize=None)
+def _float16_module_has_fp32_output() -> bool:
+    """Whether this megatron-core's ``Float16Module.forward`` takes ``fp32_output`` (looked up once,
+    not on every schedule run)."""
     import inspect
 
     from megatron.core.transformer.module import Float16Module
 
-    if "fp32_output" not in inspect.signature(Float16Module.forward).parameters:
+    return "fp32_output" in inspect.signature(Float16Module.forward).parameters
+
+
+def _keeps_half_precision_output(model: torch.nn.Module) -> dict:
+    """``fp32_output=False`` for a model under megatron's ``Float16Module`` (GPU, bf16/fp16):
+    by default it would cast the last stage's logits to a full fp32 copy; the log-prob code
+    converts a chunk at a time instead. ``{}`` for any other model."""
+    from megatron.core.transformer.module import Float16Module
+
+    if not _float16_module_has_fp32_output():
         return {}  # a megatron-core without the switch: its fp32 copy stays
     while model is not None:
         if isinstance(model, Float16Module):
