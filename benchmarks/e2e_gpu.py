@@ -10,10 +10,12 @@ on a random-init Qwen2 shape with a word-level tokenizer covering the whole voca
 (built locally, no downloads; ``benchmarks/param_sync.build_model``). Each step
 (episode): ``--prompts`` prompts of ``--prompt-len`` tokens, ``--n`` responses each of
 exactly ``--new-tokens`` tokens (``ignore_eos``, temperature 1), a cheap rule reward
-(``even_words_reward``), reference log-probs, old log-probs recomputed by the trainer
-(``--recompute-old-logprobs``), one optimizer step over all samples (Adam, lr 1e-6,
-KL coefficient 0.04, token-mean loss, micro-batches of ``--micro-batch``) and the weight
-sync into vLLM. These match ``benchmarks/trl_grpo.py``, TRL's GRPOTrainer on the same work.
+(``even_words_reward``), reference log-probs, old log-probs by the trainer
+(``--recompute-old-logprobs``; with one optimizer step per episode the engine takes them
+from the training pass, no separate pass), one optimizer step over all samples (Adam,
+lr 1e-6, KL coefficient 0.04, token-mean loss, training micro-batches of ``--micro-batch``,
+forward-only passes in micro-batches of ``--forward-micro-batch``) and the weight sync
+into vLLM. These match ``benchmarks/trl_grpo.py``, TRL's GRPOTrainer on the same work.
 Policy (vLLM), reference, reward and trainer share the GPU with ``free_memory``: the
 trainer waits in host memory while vLLM samples and vLLM sleeps while it trains.
 
@@ -75,7 +77,7 @@ def write_run_files(work: Path, model_dir: str, args: argparse.Namespace, vocab:
     if gpu:
         # The stripped vLLM wheel of the lent machines has no FlashAttention (PLATFORM.md).
         policy.update(gpu_memory_utilization=args.gpu_memory_utilization, attention_backend="TRITON_ATTN")
-    megatron = dict(common, load=model_dir, forward_micro_batch_size=args.micro_batch)
+    megatron = dict(common, load=model_dir, forward_micro_batch_size=args.forward_micro_batch)
     # token-mean: every response token of the global batch weighs the same (TRL's default "dapo" loss).
     trainer = dict(megatron, optimizer="adam", lr=LR, clip_grad=1.0, kl_coef=KL_COEF, clip_eps=0.2,
                    loss_agg_mode="token-mean", recompute_old_logprobs=args.recompute_old_logprobs)
@@ -200,7 +202,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=1024)
     p.add_argument("--steps", type=int, default=3, help="episodes; the first is warm-up")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per training / forward micro-batch")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per training micro-batch")
+    p.add_argument("--forward-micro-batch", type=int, default=32,
+                   help="sequences per micro-batch of the forward-only passes (reference, old log-probs)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share of the GPU")
     p.add_argument("--recompute-old-logprobs", default="true", choices=("true", "false"))
     p.add_argument("--recompute", action="store_true", help="full activation recompute in training")
@@ -212,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.quick:
         args.prompts, args.n, args.new_tokens, args.prompt_len = min(args.prompts, 4), min(args.n, 4), \
             min(args.new_tokens, 16), min(args.prompt_len, 16)
-        args.micro_batch = min(args.micro_batch, 8)
+        args.micro_batch, args.forward_micro_batch = min(args.micro_batch, 8), min(args.forward_micro_batch, 8)
 
     from benchmarks.megatron_train import bf16_matmul_peak_tflops, model_flops_per_token
     from benchmarks.param_sync import build_model
@@ -262,6 +266,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     tag = f"{args.device}_{model}_{args.new_tokens}"
     result = dict(model=model, device=args.device, machine=machine, prompts=args.prompts, n=args.n,
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, micro_batch=args.micro_batch,
+                  forward_micro_batch=args.forward_micro_batch,
                   recompute_old_logprobs=args.recompute_old_logprobs, activation_recompute=args.recompute,
                   kl_coef=KL_COEF, lr=LR, peak_tflops=peak_tflops, peak_gpu_mib=peak_mib, run_s=seconds,
                   startup_to_first_episode_s=setup_done_s, startup_parts=startup, steps=steps, mean=mean)
@@ -272,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         f"Machine: {machine}. Command: `{cmd}`. {model} shape (random init, bf16 on GPU), {args.prompts} prompts "
         f"of {args.prompt_len} tokens x {args.n} responses x {args.new_tokens} new tokens (ignore EOS, "
         f"temperature 1), KL coefficient {KL_COEF}, old log-probs recomputed: {args.recompute_old_logprobs}, "
-        f"micro-batches of {args.micro_batch}, every role on the one device; mean of steps 2-{len(steps)}.\n\n"
+        f"micro-batches of {args.micro_batch} (forward-only: {args.forward_micro_batch}), every role on the one device; mean of steps 2-{len(steps)}.\n\n"
         f"{table}\n\n" + "; ".join(extra) + ".\n")
     return result
 

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = {k: v for k, v in VARIANTS.items() if all(hasattr(probe, key) for key in v)}
     skipped = sorted(set(VARIANTS) - set(variants))
     base = dict(temperature=1.0, ignore_eos=True, max_tokens=args.new_tokens, seed=None)
-    timed_generate(llm, prompts[:8], SamplingParams(**base))  # warm-up (compile, graphs)
+    for extra in variants.values():  # warm-up: compile, graphs, and the log-prob kernels' Triton JIT
+        timed_generate(llm, prompts[:8], SamplingParams(**base, **extra))
     runs: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.repeats):
         for label, extra in variants.items():

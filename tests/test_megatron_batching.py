@@ -167,3 +167,15 @@ def test_forward_step_grouped_by_length_returns_the_rows_in_order(tmp_path):
     assert torch.allclose(r["grouped"][real], r["padded"][real], atol=1e-5)
     # The longest row's micro-batch: row 3 (12 tokens) with row 1 (11); row 0 (3 tokens) was cut to 4.
     assert (r["grouped"][0, 4:] == 0).all() and (r["padded"][0, 4:] != 0).any()
+
+
+def test_the_default_loss_mask_is_built_on_the_device_of_the_micro_batch():
+    """Micro-batches reach a loss already on the GPU (``schedule._on_device``); a mask made from a
+    host ``arange`` broke the default loss there. The meta device stands in for the GPU on CPU."""
+    from chatlearn.models.megatron.module import _token_mask
+
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    mask = _token_mask({"input_ids": ids, "seq_lens": torch.tensor([3, 5])})
+    assert mask.tolist() == [[False, True, True, False, False], [False, True, True, True, True]]
+    on_meta = _token_mask({"input_ids": ids.to("meta"), "seq_lens": torch.tensor([3, 5], device="meta")})
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 5)

@@ -14,6 +14,13 @@ is what the ratio divides by: the sampler's log-probs (vLLM), or, with
 and then the sampler's are kept as ``behaviour_logprobs``. ``tis_cap`` > 0
 weights every token by ``min(exp(old - behaviour), tis_cap)``.
 
+On-policy step: when an episode makes a single optimizer step right after the
+sync (``rl_engines.old_logprobs_stage``), the engine skips that stage and the
+trainer's own log-probs of the step, detached, are the old ones: the weights
+have not moved yet, so they are what the stage would have computed, without
+a second forward pass (verl does the same). The batch then has no
+``behaviour_logprobs``; a second step in the same episode is an error.
+
 Consistency: the first training step of an episode runs on weights that were
 just synced into vLLM, so the trainer's log-probs of the sampled tokens
 should equal the sampler's. Their gap (``consistency/logprob_diff_mean``,
@@ -37,6 +44,7 @@ from chatlearn.algorithms.ppo import PPOConfig, policy_loss, truncated_is_weight
 from chatlearn.data.batching import concat_padded
 from chatlearn.models.megatron import MegatronModule
 from chatlearn.models.megatron.schedule import micro_batch_logprobs_and_entropy
+from chatlearn.utils import platform
 
 
 def behaviour_logprobs(batch: dict) -> torch.Tensor:
@@ -57,9 +65,14 @@ class _PolicyTrainer(MegatronModule):
             raise ValueError(f"model {self.name!r}: loss_agg_mode must be one of {LOSS_AGG_MODES}, got {mode!r}")
         self._check_consistency = True
         self._consistency: list[torch.Tensor] = []  # trainer - sampler logprob diffs of this step
+        setting = getattr(self.cfg, "recompute_old_logprobs", False)
+        self._recompute = platform.has_gpu() if setting == "auto" else setting is True
+        self._old_in_loss = False  # this step's old log-probs are its own forward pass's (on-policy step)
+        self._steps_this_episode = 0
 
     def before_episode(self, episode: int) -> None:
         self._check_consistency = True
+        self._steps_this_episode = 0
 
     def after_episode(self, episode: int) -> None:
         """After the last episode, export the trained policy as a Hugging Face checkpoint."""
@@ -77,6 +90,15 @@ class _PolicyTrainer(MegatronModule):
 
     def train_step(self, data_list: list[dict], iteration: int) -> Optional[dict]:
         self._consistency = []
+        self._old_in_loss = self._recompute and bool(data_list) and "behaviour_logprobs" not in data_list[0]
+        if self._old_in_loss and self._steps_this_episode:
+            raise RuntimeError(
+                f"model {self.name!r}: recompute_old_logprobs without the old-log-prob stage (the engine left it "
+                f"out because it expected one optimizer step per episode), but this is step "
+                f"{self._steps_this_episode + 1} of the episode: its weights moved since sampling. Run "
+                f"{self.name}.forward_step in the environment flow (rl_engines.old_logprobs_stage) or set "
+                f"recompute_old_logprobs: false")
+        self._steps_this_episode += 1
         metrics = super().train_step(data_list, iteration)
         if metrics is not None and self._consistency:
             diffs = torch.cat(self._consistency)
@@ -101,14 +123,17 @@ class _PolicyTrainer(MegatronModule):
             self._consistency.append(diff.cpu())
         return logp, entropy, mask
 
-    def _is_weights(self, micro_batch: dict, device: torch.device) -> Optional[torch.Tensor]:
+    def _old_logprobs(self, logp: torch.Tensor, micro_batch: dict) -> torch.Tensor:
+        """What the ratio divides by: this pass's own log-probs on an on-policy step, else the batch's."""
+        return logp.detach() if self._old_in_loss else micro_batch["old_logprobs"].to(logp.device)
+
+    def _is_weights(self, old: torch.Tensor, micro_batch: dict) -> Optional[torch.Tensor]:
         if not self.cfg.tis_cap:
             return None
-        if "behaviour_logprobs" not in micro_batch:
+        if not self._old_in_loss and "behaviour_logprobs" not in micro_batch:
             raise ValueError(f"model {self.name!r}: tis_cap needs recompute_old_logprobs (the sampler's "
                              f"log-probs are then kept as behaviour_logprobs)")
-        return truncated_is_weights(micro_batch["old_logprobs"].to(device),
-                                    micro_batch["behaviour_logprobs"].to(device), self.cfg.tis_cap)
+        return truncated_is_weights(old, behaviour_logprobs(micro_batch).to(old.device), self.cfg.tis_cap)
 
     def _surrogate(self, logits: torch.Tensor, micro_batch: dict, clip_eps: float
                    ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor, LossAggregator]:
@@ -116,8 +141,9 @@ class _PolicyTrainer(MegatronModule):
         device = logits.device
         logp, entropy, mask = self._logprobs(logits, micro_batch)
         agg = LossAggregator(micro_batch, mask)
-        weights = self._is_weights(micro_batch, device)
-        loss, metrics = policy_loss(logp, micro_batch["old_logprobs"].to(device), micro_batch["advantages"].to(device),
+        old = self._old_logprobs(logp, micro_batch)
+        weights = self._is_weights(old, micro_batch)
+        loss, metrics = policy_loss(logp, old, micro_batch["advantages"].to(device),
                                     agg, clip_eps, self.cfg.loss_agg_mode, weights)
         if weights is not None:
             metrics["tis/weight_mean"] = agg.token_mean(weights)

@@ -85,6 +85,26 @@ def _model_file(model: BaseModule) -> str:
             config.config_path or "config") + f" (models.{model.name})"
 
 
+def old_logprobs_stage(trainer: BaseModule, policy: BaseModule) -> bool:
+    """Whether the environment runs the trainer's old-log-prob pass (``recompute_old_logprobs``).
+
+    Not when every episode makes exactly one optimizer step, right after the sync: its old
+    log-probs are then the training forward pass's own, detached (the weights have not moved
+    yet), so the trainer takes them there (``PolicyTrainer``, "on-policy step") and one whole
+    forward pass over the rollouts is saved. The trainer checks that the step was the only
+    one since the sync."""
+    if not _recomputes_old_logprobs(trainer):
+        return False
+    config = get_args()
+    runtime = config.runtime
+    if runtime.num_training_epoch != 1 or runtime.max_relay_episode != 0 \
+            or (trainer.name in config.models and config.models[trainer.name].sync_frequency != 1):
+        return True
+    dynamic = runtime.stream_data_loader_type == "dynamic"
+    samples = runtime.sample_per_episode * (_samples_per_prompt(policy) if dynamic else 1)
+    return samples > runtime.train_global_batch_size
+
+
 def _samples_per_prompt(policy: BaseModule) -> int:
     models = get_args().models
     return int(models[policy.name].args_dict.get("n", 1)) if policy.name in models else 1
@@ -180,6 +200,7 @@ class RLHFEngine(Engine):
                  compute_advantages: Switch = AUTO):
         self.driver_step = DriverStep("RLHFEngine", "compute_advantages", compute_advantages,
                                       [policy_trainer, value_trainer], PPO_ADDS)
+        # Always the separate pass: the driver's KL-in-reward reads old_logprobs before training.
         recompute = self.driver_step.on and _recomputes_old_logprobs(policy_trainer)
 
         def env_flow(batch):
@@ -250,7 +271,7 @@ class GRPOEngine(_CriticFreeEngine):
                                       GRPO_ADDS)
         processor = _grpo_processor("GRPOEngine", self.driver_step, policy, policy_trainer)
         super().__init__(policy, reference, reward, policy_trainer, evaluator, processor,
-                         recompute=self.driver_step.on and _recomputes_old_logprobs(policy_trainer),
+                         recompute=self.driver_step.on and old_logprobs_stage(policy_trainer, policy),
                          name="GRPOEngine")
 
 
@@ -303,7 +324,8 @@ class DPOEngine(Engine):
 class GRPOMathEngine(Engine):
     """ChatLearn 1.x's GRPO with a second (rule) reward and a built-in evaluator:
 
-        environment: policy -> reference -> reward, and reward1 (from the prompts and the policy)
+        environment: policy [-> ppo_policy: old_logprobs] -> reference -> reward, and reward1 (from
+                     the prompts and the policy)
         driver:      GRPORollouts when compute_advantages is on (auto: the trainer declares it)
         trainer:     ppo_policy.train_step
         evaluator:   policy.eval_forward -> reward.eval_forward and reward1.eval_forward
@@ -316,9 +338,12 @@ class GRPOMathEngine(Engine):
         self.driver_step = DriverStep("GRPOMathEngine", "compute_advantages", compute_advantages, [ppo_policy],
                                       GRPO_ADDS)
         processor = _grpo_processor("GRPOMathEngine", self.driver_step, policy, ppo_policy)
+        recompute = self.driver_step.on and old_logprobs_stage(ppo_policy, policy)
 
         def env_flow(batch):
             policy_out = policy.forward_step(batch)
+            if recompute:  # old_logprobs from the trainer, the sampler's kept as behaviour_logprobs
+                policy_out = ppo_policy.forward_step(policy_out)
             ref_out = reference.forward_step(policy_out)
             reward_out = reward.forward_step(policy_out, ref_out)
             reward_out1 = reward1.forward_step(batch, policy_out)

@@ -36,21 +36,14 @@ from chatlearn.algorithms.core import config_from_args  # noqa: E402
 from chatlearn.algorithms.grpo import GRPOConfig, GRPORollouts  # noqa: E402
 from chatlearn.data.prompts import read_jsonl  # noqa: E402
 from chatlearn.models.chatlearn1x_args import apply_driver_keys  # noqa: E402
+from chatlearn.runtime.rl_engines import old_logprobs_stage  # noqa: E402
 from train_rlhf import reward_metrics  # noqa: E402
-
-
-def recompute_old_logprobs(trainer_args: dict) -> bool:
-    """The trainer's ``recompute_old_logprobs``: auto is on for a GPU run (docs/algorithms.md)."""
-    from chatlearn.config.placement import GPU, detect_device
-
-    setting = trainer_args.get("recompute_old_logprobs", "auto")
-    return detect_device(chatlearn.get_args()) == GPU if setting == "auto" else bool(setting)
 
 
 def build_engine(policy, reference, reward, math_reward, ppo_policy, eval_path: str | None = None) -> Engine:
     args = chatlearn.get_args()
     trainer_args = args.models[ppo_policy.name].args_dict
-    recompute = recompute_old_logprobs(trainer_args)
+    recompute = old_logprobs_stage(ppo_policy, policy)  # recompute_old_logprobs, unless the step is on-policy
 
     def env_flow(batch):
         policy_out = policy.forward_step(batch)

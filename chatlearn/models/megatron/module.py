@@ -596,7 +596,7 @@ def _token_mask(micro_batch: dict) -> torch.Tensor:
     if mask is not None:
         return mask
     ids = micro_batch["input_ids"]
-    positions = torch.arange(ids.shape[1])[None]
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]
     return (positions < micro_batch["seq_lens"][:, None]) & (positions > 0)
 
 
