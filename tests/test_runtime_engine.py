@@ -137,6 +137,8 @@ def test_relay_buffers_with_custom_sample_fn(ray_session, toy_env, monkeypatch):
     assert seen_episodes == [[0], [0, 1], [0, 1, 2]]
     assert [m["samples/train"] for m in history] == [8, 16, 24]
     assert [m["train/steps"] for m in history] == [1, 2, 3]
+    # Samples of earlier episodes are the relay's choice, and the metrics say how many.
+    assert [m["relay/samples_from_other_episodes"] for m in history] == [0, 8, 16]
 
 
 def test_relay_default_sampler_trains_on_its_draw_in_order(ray_session, toy_env, monkeypatch):

@@ -97,6 +97,9 @@ class RuntimeConfig:
     max_relay_episode: int = 0
     # Relay starts after this many episodes.
     relay_episode_offset: int = 0
+    # Fixed-lag asynchronous training: episode t trains on the rollouts sampled by policy version
+    # t - policy_lag (0: synchronous). Generation runs policy_lag episodes ahead of training.
+    policy_lag: int = 0
     # Save data state and models every N episodes (0 off).
     save_episode_interval: int = 0
     # Evaluate every N episodes (0 off).

@@ -121,6 +121,7 @@ _RULES: dict[type, dict[str, list[Rule]]] = {
         "train_global_batch_size": [_at_least(1)],
         "stream_data_loader_type": [_one_of(*STREAM_DATA_LOADER_TYPES)],
         "max_relay_episode": [_at_least(-1)],
+        "policy_lag": [_at_least(0)],
         "relay_episode_offset": [_at_least(0)],
         "save_episode_interval": [_at_least(0)],
         "eval_episode_interval": [_at_least(0)],

@@ -10,6 +10,11 @@
         parameter sync: each trainer -> its inference model
         evaluate, log metrics, checkpoint
 
+With ``runtime.policy_lag`` k > 0 (fixed-lag asynchronous training) episode t
+trains on the rollouts of episode t-k's generation, sampled by policy version
+max(t-k, 0): the environment flow runs k episodes ahead, and its generation of
+episode t+k overlaps episode t's training (``_run_lagged_environment``).
+
 Start-up order matters and lives in ``_setup``: config checks first (nothing
 started yet), then Ray and placement, then workers, then resume.
 """
@@ -25,7 +30,7 @@ import os
 import resource
 import time
 import uuid
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Protocol
 
 import torch
 
@@ -57,6 +62,22 @@ _SEED_MASK = (1 << 63) - 1
 
 
 __all__ = ["Engine", "EvalEngine", "FlowError", "TrainBatch", "RolloutProcessor"]
+
+
+class LaunchedFlow(NamedTuple):
+    """An environment flow submitted over one episode's prompts, not yet collected."""
+    episode: int  # the episode whose prompts (and request seeds) it samples
+    version: int  # the policy version sampling it (weight syncs so far)
+    outputs: collections.deque
+
+
+class Rollouts(NamedTuple):
+    """One episode's collected rollouts, as the trainers will get them."""
+    episode: int  # the episode whose prompts they answer
+    version: int  # the policy version that sampled them
+    samples: list[dict]  # after the rollout processor: the training samples
+    metrics: dict[str, float]  # the rollout metrics (samples/environment, reward/mean, ...)
+    raw: list[dict]  # the environment's output samples, for rollout_dump_dir (else empty)
 
 
 class TrainBatch:
@@ -142,6 +163,10 @@ class Engine:
         self._collate_fns: dict[str, Optional[Callable]] = {}  # a build_dataset Dataset's collate_fn
         self._store_name = f"chatlearn_store_{uuid.uuid4().hex[:12]}"  # put()/get() of the models
         self._warned_1x_save: set[str] = set()
+        # policy_lag > 0: generated episodes not trained on yet, oldest first (saved in checkpoints),
+        # and the generations still running while an episode trains.
+        self._in_flight: collections.deque[Rollouts] = collections.deque()
+        self._generating: list[LaunchedFlow] = []
 
     # -- user API ----------------------------------------------------------------
     def set_dataset(self, prompts: list) -> "Engine":
@@ -420,27 +445,16 @@ class Engine:
         # must see the whole episode first or colocated models take turns.
         streaming = not self.relay.relay_active(episode) and not self._uses_free_memory()
 
-        with timer("time/environment"):
-            self._phase(active=self._flow_models(self.environment))
-            samples, rollout_metrics, rollout_sizes, rollouts = [], [], [], []
-            for batch, _ in self._run_flow(self.environment, self._episode_prompts(episode), episode):
-                if self.rollout_processor is not None:
-                    train_batch, batch_metrics = self.rollout_processor.process(batch, episode)
-                    rollout_metrics.append(batch_metrics)
-                    rollout_sizes.append(_batch_size(batch))
-                else:
-                    train_batch = batch
-                if self.runtime.rollout_dump_dir:
-                    rollouts += split_batch(batch)
-                train_batch = split_batch(train_batch)
-                samples += train_batch
-                if streaming:
-                    stream.extend(train_batch)
-                    self._train_steps(stream.ready_batches())
-        metrics["samples/environment"] = len(samples)
-        if self.rollout_processor is not None:
-            metrics.update(mean_metrics(rollout_metrics, rollout_sizes))
-            metrics.update(self.rollout_processor.end_episode(dict(metrics)))
+        if self.runtime.policy_lag == 0:
+            with timer("time/environment"):
+                self._phase(active=self._flow_models(self.environment))
+                rollouts = self._collect(self._launch_environment(episode), stream if streaming else None)
+        else:
+            streaming = False
+            rollouts = self._run_lagged_environment(episode, timer)
+            metrics.update(self._lag_metrics(rollouts))
+        samples = rollouts.samples
+        metrics.update(rollouts.metrics)
         if self.runtime.rollout_dump_dir:
             self._dump_rollouts(episode, rollouts)
         if self.runtime.stream_data_loader_type == "fixed" and len(samples) != self.runtime.sample_per_episode:
@@ -450,14 +464,21 @@ class Engine:
         self.relay.add(episode, samples)
         if not streaming:
             fixed = stream.mode == "fixed"
-            stream.extend(self.relay.select(episode, self.relay_sample_fn,
-                                            num_samples=self.runtime.sample_per_episode if fixed else None))
+            chosen = self.relay.select(episode, self.relay_sample_fn,
+                                       num_samples=self.runtime.sample_per_episode if fixed else None)
+            if self.relay.relay_active(episode):
+                # The relay's (or the user's relay_sample_fn's) choice from other episodes: older rollouts,
+                # sampled by older policies, trained on by explicit choice, not by the lag.
+                own = {id(s) for s in samples}
+                metrics["relay/samples_from_other_episodes"] = float(sum(id(s) not in own for s in chosen))
+            stream.extend(chosen)
         stream.finish()
         metrics["samples/train"] = stream.num_samples
 
         with timer("time/train"):
             self._phase(active=self._flow_models(self.trainer))
             self._train_steps(stream.iter_train_batches())
+            self._collect_generations()  # policy_lag > 0: the generation that overlapped training
             metrics.update(self._collect_train_metrics())
         if not metrics["train/steps"]:
             logger.warning("episode %d: no trainable samples (%d samples, %d global batches without one; e.g. "
@@ -481,7 +502,89 @@ class Engine:
         metrics["time/episode"] = time.perf_counter() - began
         metrics["time/driver"] = metrics["time/episode"] - (self.tracker.wait_s - waited)
         metrics["driver/peak_rss_gib"] = _peak_rss_gib()
+        if self.runtime.policy_lag:
+            metrics.update(self._idle_fractions(metrics))
         return metrics
+
+    def _idle_fractions(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The share of the episode the generator (the environment's first model) and the
+        trainers sat idle: 1 - their busy seconds per replica / the episode's seconds."""
+        def idle(models: Iterable[str], method: str) -> float:
+            busy = max((metrics.get(f"time/{m}.{method}", 0.0) / self.dist[m].num_replicas for m in models),
+                       default=0.0)
+            return max(0.0, 1.0 - busy / metrics["time/episode"])
+
+        return {"async/generator_idle_fraction": idle([self.environment.graph[0].model], "forward_step"),
+                "async/trainer_idle_fraction": idle(self._flow_models(self.trainer), "train_step")}
+
+    def _launch_environment(self, episode: int) -> "LaunchedFlow":
+        """Start the environment flow over ``episode``'s prompts with the policy's current weights."""
+        policy = self.environment.graph[0].model
+        return LaunchedFlow(episode, self.weight_versions.get(policy, 0),
+                            self._launch_flow(self.environment, self._episode_prompts(episode), episode))
+
+    def _collect(self, launched: "LaunchedFlow", stream: Optional[StreamDataset]) -> "Rollouts":
+        """Wait for ``launched``'s batches in order; the rollout processor turns each into
+        training samples. With ``stream``, global batches start training as they fill."""
+        samples, rollout_metrics, rollout_sizes, raw = [], [], [], []
+        for batch, _ in self._collect_flow(launched.outputs):
+            if self.rollout_processor is not None:
+                train_batch, batch_metrics = self.rollout_processor.process(batch, launched.episode)
+                rollout_metrics.append(batch_metrics)
+                rollout_sizes.append(_batch_size(batch))
+            else:
+                train_batch = batch
+            if self.runtime.rollout_dump_dir:
+                raw += split_batch(batch)
+            train_batch = split_batch(train_batch)
+            samples += train_batch
+            if stream is not None:
+                stream.extend(train_batch)
+                self._train_steps(stream.ready_batches())
+        metrics: dict[str, float] = {"samples/environment": len(samples)}
+        if self.rollout_processor is not None:
+            metrics.update(mean_metrics(rollout_metrics, rollout_sizes))
+            metrics.update(self.rollout_processor.end_episode(dict(metrics)))
+        return Rollouts(launched.episode, launched.version, samples, metrics, raw)
+
+    def _run_lagged_environment(self, episode: int, timer: Callable) -> "Rollouts":
+        """``policy_lag`` k > 0: return the rollouts episode ``episode`` trains on (generated k
+        episodes ago, or, in the first k episodes, by the initial policy) and keep the
+        generation k episodes ahead. The generations launched here sample with the current
+        weights; the episode's training is queued right after them and
+        ``_collect_generations`` waits for them inside ``time/train``, so the two overlap
+        unless colocated roles with ``free_memory`` must take turns (then generation runs
+        first)."""
+        lag = self.runtime.policy_lag
+        with timer("time/environment"):
+            self._phase(active=self._flow_models(self.environment))
+            launched = []
+            while len(self._in_flight) + len(launched) <= lag:
+                generation = episode + len(self._in_flight) + len(launched)
+                if generation >= self.runtime.num_episode and (self._in_flight or launched):
+                    break  # nothing left to train on it
+                launched.append(self._launch_environment(generation))
+            if not self._in_flight:  # the first episode: it trains on its own rollouts
+                self._in_flight.append(self._collect(launched.pop(0), None))
+            current = self._in_flight.popleft()
+            if self._uses_free_memory():  # colocated roles take turns: generate now, train after
+                self._in_flight.extend(self._collect(flow, None) for flow in launched)
+                launched = []
+        self._generating = launched
+        return current
+
+    def _collect_generations(self) -> None:
+        """Wait for the generations ``_run_lagged_environment`` left running (none at lag 0)."""
+        launched, self._generating = self._generating, []
+        self._in_flight.extend(self._collect(flow, None) for flow in launched)
+
+    def _lag_metrics(self, rollouts: "Rollouts") -> dict[str, float]:
+        """How stale this episode's training samples are: policy versions between the one that
+        sampled them and the one they train (all samples of a fixed-lag episode share it)."""
+        policy = self.environment.graph[0].model
+        lag = self.weight_versions.get(policy, 0) - rollouts.version
+        return {"async/policy_lag": float(lag), "async/generated_episode": float(rollouts.episode),
+                "async/in_flight_episodes": float(len(self._in_flight) + len(self._generating))}
 
     def _episode_prompts(self, episode: int) -> list[dict]:
         prompts = self.prompt_data.next_episode(self.runtime.sample_per_episode)
@@ -493,7 +596,12 @@ class Engine:
         """Push every batch of ``samples`` through ``flow`` at once (stages of different
         batches overlap on different replicas), then yield each output batch in order
         as it completes, with ``[(model name, that stage's output)]`` for each stage the
-        flow returned (a flow returning several merges them into the batch, later wins).
+        flow returned (a flow returning several merges them into the batch, later wins)."""
+        yield from self._collect_flow(self._launch_flow(flow, samples, episode))
+
+    def _launch_flow(self, flow: BaseFlow, samples: list, episode: int) -> collections.deque:
+        """Submit ``flow`` over every batch of ``samples``; the returned queue holds each batch's
+        output refs for ``_collect_flow``.
 
         Each sample gets a ``request_seed`` from (runtime.seed, flow, episode, its index):
         a sampler that seeds each request with it (vLLM's ``request_seeds``) draws the
@@ -520,6 +628,9 @@ class Engine:
                 raise FlowError(f"{flow.kind} flow {flow.fn_name}() must return the output of a model call "
                                 f"(or several, as a tuple)")
             outputs.append(parts)
+        return outputs
+
+    def _collect_flow(self, outputs: collections.deque) -> Iterator[tuple[dict, list]]:
         while outputs:
             # Fetched here, once: only the flow's outputs come to the driver (earlier stages'
             # batches go from actor to actor). Popped, so Ray frees each batch once it is read.
@@ -559,11 +670,11 @@ class Engine:
             self._steps_this_episode += 1
             self.train_iteration += 1
 
-    def _dump_rollouts(self, episode: int, rollouts: list[dict]) -> None:
-        """``<rollout_dump_dir>/episode_<N>.jsonl``: one line per rollout (see docs/data.md)."""
-        policy = self.environment.graph[0].model
-        version = self.weight_versions.get(policy, 0)
-        lines = [json.dumps(rollout_record(r, i, episode, version)) + "\n" for i, r in enumerate(rollouts)]
+    def _dump_rollouts(self, episode: int, rollouts: "Rollouts") -> None:
+        """``<rollout_dump_dir>/episode_<N>.jsonl``: one line per rollout episode ``episode`` trains
+        on, with the policy version that sampled it (see docs/data.md)."""
+        lines = [json.dumps(rollout_record(r, i, episode, rollouts.version)) + "\n"
+                 for i, r in enumerate(rollouts.raw)]
         path = os.path.join(self.runtime.rollout_dump_dir, f"episode_{episode:06d}.jsonl")
         atomic_write_bytes(path, "".join(lines).encode())
 
@@ -682,6 +793,8 @@ class Engine:
             "weight_versions": dict(self.weight_versions),
             "history": self.history,
             "train_iteration": self.train_iteration,
+            # policy_lag > 0: the generated, untrained episodes; a resumed run trains on them as kept.
+            "in_flight": [r._asdict() for r in self._in_flight],
         }
 
     def _load_data_state(self, state: dict[str, Any]) -> None:
@@ -694,6 +807,15 @@ class Engine:
         self.weight_versions = dict(state.get("weight_versions", {}))
         self.history = list(state["history"])
         self.train_iteration = int(state.get("train_iteration", 0))
+        self._in_flight = collections.deque(Rollouts(**r) for r in state.get("in_flight", []))
+        if len(self._in_flight) > self.runtime.policy_lag:
+            raise ValueError(f"runtime.policy_lag: the checkpoint holds {len(self._in_flight)} generated, untrained "
+                             f"episode(s), more than policy_lag={self.runtime.policy_lag} keeps; resume with the "
+                             f"policy_lag the run was started with, or start a new run (new output_dir)")
+        if self._in_flight:
+            logger.info("resume: kept %d generated, untrained episode(s) from the checkpoint (sampled by policy "
+                        "version(s) %s); they are trained on as in the interrupted run, not regenerated",
+                        len(self._in_flight), sorted({r.version for r in self._in_flight}))
 
     def _check_resume_settings(self) -> None:
         interval = self.runtime.save_episode_interval

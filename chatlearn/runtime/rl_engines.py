@@ -61,9 +61,10 @@ def _require_dynamic(engine_name: str, reason: str) -> None:
 
 
 def _recomputes_old_logprobs(trainer: BaseModule) -> bool:
-    """The trainer's ``recompute_old_logprobs`` (auto: on a GPU run, where the sampler's bf16
-    kernels make its log-probs drift from the trainer's; on CPU both are fp32 and agree to
-    ~1e-6, docs/algorithms.md). ``tis_cap`` needs the recompute: it weighs trainer vs sampler."""
+    """The trainer's ``recompute_old_logprobs`` (auto: on a synchronous GPU run, where the
+    sampler's bf16 kernels make its log-probs drift from the trainer's; on CPU both are fp32
+    and agree to ~1e-6, docs/algorithms.md; off with ``policy_lag`` > 0, where the trainer no
+    longer holds the sampling weights). ``tis_cap`` needs the recompute: it weighs trainer vs sampler."""
     from chatlearn.config.placement import GPU, detect_device
 
     config = get_args()
@@ -71,7 +72,13 @@ def _recomputes_old_logprobs(trainer: BaseModule) -> bool:
     setting = args.get("recompute_old_logprobs", AUTO)
     if setting not in (AUTO, True, False):
         raise ValueError(f"{_model_file(trainer)}: recompute_old_logprobs: expected auto, true or false, got {setting!r}")
-    recompute = detect_device(config) == GPU if setting == AUTO else setting
+    lagged = config.runtime.policy_lag > 0
+    recompute = detect_device(config) == GPU and not lagged if setting == AUTO else setting
+    if recompute and lagged:
+        raise ValueError(f"{_model_file(trainer)}: recompute_old_logprobs: true with runtime.policy_lag="
+                         f"{config.runtime.policy_lag}: not supported (the trainer's weights have moved since the "
+                         f"rollouts were sampled, so its log-probs are not the sampling policy's); set it to auto "
+                         f"or false (the ratio then divides by the sampler's log-probs)")
     if float(args.get("tis_cap", 0.0) or 0.0) > 0 and not recompute:
         raise ValueError(f"{_model_file(trainer)}: tis_cap needs recompute_old_logprobs: true (the truncated "
                          f"importance weights compare the trainer's log-probs with the sampler's)")

@@ -3,6 +3,7 @@
     python examples/megatron/main_tiny.py                 # PPO (RLHFEngine), 4.9 minutes on 2 cores (README)
     python examples/megatron/main_tiny.py --algo grpo     # GRPO on the rule reward
     python examples/megatron/main_tiny.py --algo online_dpo
+    python examples/megatron/main_tiny.py --algo grpo --policy-lag 1   # asynchronous: generation 1 episode ahead
 
 Steps (each reuses its output when it exists, so a rerun resumes):
   1. build a tiny Llama-style model and a sentencepiece tokenizer locally (random init, no downloads);
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a short warm start: the policy should know the format, not every answer")
     parser.add_argument("--reward-epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policy-lag", type=int, default=0,
+                        help="fixed-lag asynchronous training (runtime.policy_lag): episode t trains on rollouts "
+                             "sampled K policy versions earlier, while the next generation runs")
     parser.add_argument("--verbose", action="store_true",
                         help="every metric on each episode's line and the dependencies' messages unfiltered "
                              "(runtime.debug)")
@@ -239,14 +243,16 @@ def main(argv: list[str] | None = None) -> dict:
         knobs = _setup_models(out, paths, args)
         script, config_name = ALGORITHMS[args.algo]
         config = os.path.abspath(args.config) if args.config else os.path.join(HERE, "configs", "tiny", config_name)
+        # A lagged run gets its own directory: it must not resume from a synchronous run's checkpoints.
+        exp_name = args.algo if not args.policy_lag else f"{args.algo}_lag{args.policy_lag}"
         env = {**knobs, "data_path": paths["rl"], "eval_data_path": paths["heldout"], "output_dir": out,
-               "exp_name": args.algo}
+               "exp_name": exp_name, "policy_lag": str(args.policy_lag)}
         if args.episodes is not None:
             env["num_episode"] = str(args.episodes)
         if args.verbose:
             env["debug"] = "True"
         _run([sys.executable, os.path.join(HERE, script), "-c", config], env=env)
-    return _report(os.path.join(out, args.algo), args.algo, time.time() - start, memory.peak_gib, config,
+    return _report(os.path.join(out, exp_name), args.algo, time.time() - start, memory.peak_gib, config,
                    knobs["policy_load"], read_jsonl(paths["heldout"]))
 
 
