@@ -36,8 +36,8 @@ from typing import Optional
 
 import torch
 
-from chatlearn.algorithms.core import (LOSS_AGG_MODES, LossAggregator, config_from_args, masked_whiten_global,
-                                       sequence_logprob)
+from chatlearn.algorithms.core import (LOSS_AGG_MODES, LossAggregator, config_from_args, sequence_logprob,
+                                       whiten_advantages)
 from chatlearn.algorithms.dpo import PAIRED_KEYS, DPOConfig, dpo_loss
 from chatlearn.algorithms.grpo import GRPOConfig, kl_loss
 from chatlearn.algorithms.ppo import PPOConfig, policy_loss, truncated_is_weights
@@ -160,7 +160,9 @@ class PolicyTrainer(_PolicyTrainer):
 
     def train_step(self, data_list: list[dict], iteration: int) -> Optional[dict]:
         if self.cfg.whiten_advantages:
-            data_list = _whiten_advantages(data_list)
+            from megatron.core import parallel_state as ps
+
+            data_list = whiten_advantages(data_list, ps.get_data_parallel_group())
         return super().train_step(data_list, iteration)
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
@@ -180,11 +182,16 @@ class GRPOTrainer(_PolicyTrainer):
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         surrogate, metrics, logp, entropy, agg = self._surrogate(logits, micro_batch, self.cfg.clip_eps)
+        metrics.update({"loss/policy": surrogate.detach(), "entropy": agg.token_mean(entropy.detach())})
+        if not self._kl_in_loss():
+            return surrogate, metrics
         kl = kl_loss(logp, micro_batch["ref_logprobs"].to(logits.device), agg, self.cfg.loss_agg_mode)
-        loss = surrogate + self.cfg.kl_coef * kl
-        metrics.update({"loss/policy": surrogate.detach(), "kl": kl.detach(),
-                        "entropy": agg.token_mean(entropy.detach())})
-        return loss, metrics
+        metrics["kl"] = kl.detach()
+        return surrogate + self.cfg.kl_coef * kl, metrics
+
+    def _kl_in_loss(self) -> bool:
+        """GRPO's KL to the reference is a loss term; RLOO's is in the reward unless told otherwise."""
+        return True
 
 
 class DPOTrainer(_PolicyTrainer):
@@ -217,19 +224,6 @@ class DPOTrainer(_PolicyTrainer):
         metrics.update({"loss/policy": loss.detach(),
                         "entropy": agg.token_mean(entropy.detach())})
         return loss, metrics
-
-
-def _whiten_advantages(data_list: list[dict]) -> list[dict]:
-    """Whiten advantages over every response token of the global training batch (all
-    data-parallel ranks; padding rows left out)."""
-    from megatron.core import parallel_state as ps
-
-    flat_adv = torch.cat([mb["advantages"].float().flatten() for mb in data_list])
-    flat_mask = torch.cat([(mb["loss_mask"].float() * mb.get("sample_valid", torch.ones(len(mb["loss_mask"])))
-                            .float()[:, None]).flatten() for mb in data_list])
-    whitened = masked_whiten_global(flat_adv, flat_mask, group=ps.get_data_parallel_group())
-    whitened = whitened.split([mb["advantages"].numel() for mb in data_list])
-    return [{**mb, "advantages": w.view_as(mb["advantages"])} for mb, w in zip(data_list, whitened)]
 
 
 def _stack_pair(micro_batch: dict) -> dict:

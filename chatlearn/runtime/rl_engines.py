@@ -38,7 +38,7 @@ Switch = Union[bool, str, None]
 PPO_NEEDS = PPORollouts.REQUIRED
 PPO_ADDS = ("advantages", "returns")
 GRPO_NEEDS = ("scores", "loss_mask")
-GRPO_ADDS = ("advantages",)
+ADVANTAGES = ("advantages",)  # what the GRPO, RLOO and REINFORCE++ steps add
 DPO_NEEDS = ("scores", *PAIRED_KEYS)
 DPO_ADDS = tuple(f"{side}_{key}" for side in ("chosen", "rejected") for key in PAIRED_KEYS)
 
@@ -253,7 +253,35 @@ def _grpo_processor(engine: str, step: DriverStep, policy: BaseModule, policy_tr
                                      _samples_per_prompt(policy)), GRPO_NEEDS, "GRPO")
 
 
-class GRPOEngine(_CriticFreeEngine):
+class _AdvantageEngine(_CriticFreeEngine):
+    """A critic-free preset whose driver step adds ``advantages`` (GRPO, RLOO, REINFORCE++), switched by
+    ``compute_advantages`` as in ``RLHFEngine``.
+
+    The old-log-prob stage runs with ``recompute_old_logprobs``, skipped on an on-policy step
+    (``old_logprobs_stage``) unless the driver's step reads ``old_logprobs`` itself (a KL in the
+    reward): the driver runs before training, so it would see the sampler's, not the trainer's.
+    """
+
+    preset = "engine"  # the class's name, for messages
+
+    def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, policy_trainer: BaseModule,
+                 evaluator: Optional[Evaluator] = None, compute_advantages: Switch = AUTO):
+        self.driver_step = DriverStep(self.preset, "compute_advantages", compute_advantages, [policy_trainer],
+                                      ADVANTAGES)
+        processor, recompute = None, False
+        if self.driver_step.on:
+            processor, reads_old = self._processor(policy, policy_trainer)
+            recompute = _recomputes_old_logprobs(policy_trainer) if reads_old \
+                else old_logprobs_stage(policy_trainer, policy)
+        super().__init__(policy, reference, reward, policy_trainer, evaluator, processor, recompute=recompute,
+                         name=self.preset)
+
+    def _processor(self, policy: BaseModule, policy_trainer: BaseModule) -> tuple[CheckedStep, bool]:
+        """The driver's step behind its key check, and whether it reads ``old_logprobs`` before training."""
+        raise NotImplementedError
+
+
+class GRPOEngine(_AdvantageEngine):
     """GRPO: no value model; ``n`` responses per prompt scored and normalised within their group.
 
         environment: policy (n samples per prompt) [-> policy_trainer: old_logprobs] -> reference -> reward
@@ -265,14 +293,10 @@ class GRPOEngine(_CriticFreeEngine):
     ``needs_rollout_keys`` with ``advantages``); the step needs ``stream_data_loader_type: dynamic``.
     """
 
-    def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, policy_trainer: BaseModule,
-                 evaluator: Optional[Evaluator] = None, compute_advantages: Switch = AUTO):
-        self.driver_step = DriverStep("GRPOEngine", "compute_advantages", compute_advantages, [policy_trainer],
-                                      GRPO_ADDS)
-        processor = _grpo_processor("GRPOEngine", self.driver_step, policy, policy_trainer)
-        super().__init__(policy, reference, reward, policy_trainer, evaluator, processor,
-                         recompute=self.driver_step.on and old_logprobs_stage(policy_trainer, policy),
-                         name="GRPOEngine")
+    preset = "GRPOEngine"
+
+    def _processor(self, policy: BaseModule, policy_trainer: BaseModule) -> tuple[CheckedStep, bool]:
+        return _grpo_processor(self.preset, self.driver_step, policy, policy_trainer), False
 
 
 class OnlineDPOEngine(_CriticFreeEngine):
@@ -336,7 +360,7 @@ class GRPOMathEngine(Engine):
     def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, reward1: BaseModule,
                  ppo_policy: BaseModule, compute_advantages: Switch = AUTO):
         self.driver_step = DriverStep("GRPOMathEngine", "compute_advantages", compute_advantages, [ppo_policy],
-                                      GRPO_ADDS)
+                                      ADVANTAGES)
         processor = _grpo_processor("GRPOMathEngine", self.driver_step, policy, ppo_policy)
         recompute = self.driver_step.on and old_logprobs_stage(ppo_policy, policy)
 
