@@ -1,6 +1,6 @@
-"""The policy's training side on Megatron: PPO, GRPO and online-DPO losses.
+"""The policy's training side on Megatron: PPO, GRPO, RLOO, REINFORCE++ and online-DPO losses.
 
-Every loss here is a few lines over ``chatlearn.algorithms``; what the three
+Every loss here is a few lines over ``chatlearn.algorithms``; what they
 share lives in ``_PolicyTrainer``: token log-probs of the sampling
 distribution, the entropy, the optional recompute of ``old_logprobs``, and
 the training/inference consistency check.
@@ -41,6 +41,8 @@ from chatlearn.algorithms.core import (LOSS_AGG_MODES, LossAggregator, config_fr
 from chatlearn.algorithms.dpo import PAIRED_KEYS, DPOConfig, dpo_loss
 from chatlearn.algorithms.grpo import GRPOConfig, kl_loss
 from chatlearn.algorithms.ppo import PPOConfig, policy_loss, truncated_is_weights
+from chatlearn.algorithms.reinforce_pp import ReinforcePPConfig
+from chatlearn.algorithms.rloo import RLOOConfig
 from chatlearn.data.batching import concat_padded
 from chatlearn.models.megatron import MegatronModule
 from chatlearn.models.megatron.schedule import micro_batch_logprobs_and_entropy
@@ -174,6 +176,13 @@ class PolicyTrainer(_PolicyTrainer):
         return loss, metrics
 
 
+class ReinforcePPTrainer(PolicyTrainer):
+    """REINFORCE++: PPO's loss on the driver's reward-to-go returns, whitened over the global
+    training batch; no value model. Settings: ``ReinforcePPConfig`` keys."""
+
+    config_class = ReinforcePPConfig
+
+
 class GRPOTrainer(_PolicyTrainer):
     """GRPO: clipped surrogate on group-normalised advantages + ``kl_coef`` x KL to the reference."""
 
@@ -192,6 +201,16 @@ class GRPOTrainer(_PolicyTrainer):
     def _kl_in_loss(self) -> bool:
         """GRPO's KL to the reference is a loss term; RLOO's is in the reward unless told otherwise."""
         return True
+
+
+class RLOOTrainer(GRPOTrainer):
+    """RLOO: clipped surrogate on leave-one-out advantages; the KL to the reference is in the
+    driver's rewards (``kl_in_reward``, default) or, as GRPO's, a loss term."""
+
+    config_class = RLOOConfig
+
+    def _kl_in_loss(self) -> bool:
+        return not self.cfg.kl_in_reward
 
 
 class DPOTrainer(_PolicyTrainer):
