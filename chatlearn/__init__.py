@@ -9,12 +9,13 @@ and do not pull in torch, Ray or vLLM until they are needed):
     chatlearn.BaseModule, TorchModule             base classes for models (plain PyTorch, rule-based)
     chatlearn.MegatronModule, VLLMModule          the megatron-core and vLLM backends
     chatlearn.Engine                              the generic engine (environment, trainer, evaluator flows)
-    chatlearn.RLHFEngine, GRPOEngine, OnlineDPOEngine   the RL presets (PPO, GRPO, online DPO)
+    chatlearn.RLHFEngine, GRPOEngine, RLOOEngine, ReinforcePPEngine, OnlineDPOEngine
+                                                  the RL presets (PPO, GRPO, RLOO, REINFORCE++, online DPO)
     chatlearn.DPOEngine, GRPOMathEngine, EvalEngine     ChatLearn 1.x's other presets
     chatlearn.Environment, Trainer, Evaluator     flows
     chatlearn.EpisodeRelayBuffer                  relay buffer type for relay_sample_fn
     chatlearn.PolicyInference, PolicyReference, RewardInference, MathReward, ValueInference,
-      PolicyTrainer, GRPOTrainer, DPOTrainer, ValueTrainer
+      PolicyTrainer, GRPOTrainer, RLOOTrainer, ReinforcePPTrainer, DPOTrainer, ValueTrainer
                                                   the library's roles (chatlearn.roles): vLLM sampling,
                                                   Megatron reference, reward, value and trainers
 
@@ -41,6 +42,8 @@ _EXPORTS = {
     "EvalEngine": "chatlearn.runtime.engine",
     "RLHFEngine": "chatlearn.runtime.rl_engines",
     "GRPOEngine": "chatlearn.runtime.rl_engines",
+    "RLOOEngine": "chatlearn.runtime.rl_engines",
+    "ReinforcePPEngine": "chatlearn.runtime.rl_engines",
     "OnlineDPOEngine": "chatlearn.runtime.rl_engines",
     "DPOEngine": "chatlearn.runtime.rl_engines",
     "GRPOMathEngine": "chatlearn.runtime.rl_engines",
@@ -56,6 +59,8 @@ _EXPORTS = {
     "ValueInference": "chatlearn.roles",
     "PolicyTrainer": "chatlearn.roles",
     "GRPOTrainer": "chatlearn.roles",
+    "RLOOTrainer": "chatlearn.roles",
+    "ReinforcePPTrainer": "chatlearn.roles",
     "DPOTrainer": "chatlearn.roles",
     "ValueTrainer": "chatlearn.roles",
 }

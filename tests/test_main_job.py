@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "online_dpo"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce_pp", "online_dpo"])
 def test_main_job_improves_heldout_reward_and_accuracy(tmp_path, algo):
     out = tmp_path / "tiny"
     run = subprocess.run([sys.executable, "examples/megatron/main_tiny.py", "--algo", algo, "--output-dir", str(out)],

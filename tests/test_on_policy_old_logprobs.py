@@ -101,3 +101,33 @@ def test_engine_runs_the_old_logprob_stage_only_when_the_step_is_not_on_policy(m
     args.runtime.max_relay_episode = knobs.get("max_relay_episode", 0)
     args.models["policy_trainer"].sync_frequency = knobs.get("sync_frequency", 1)
     assert old_logprobs_stage(GRPOTrainer("policy_trainer"), PolicyInference("policy")) is stage
+
+
+@pytest.mark.parametrize("algo, trainer_args, stage", [
+    ("grpo", {}, False),
+    ("rloo", {}, True),  # the KL in the reward: the driver reads old_logprobs before training
+    ("rloo", {"kl_in_reward": False}, False),
+    ("rloo", {"kl_coef": 0.0}, False),
+    ("reinforce_pp", {}, True),
+    ("reinforce_pp", {"kl_coef": 0.0}, False),
+])
+def test_a_kl_in_the_reward_keeps_the_old_logprob_stage_on_an_on_policy_step(monkeypatch, tmp_path, algo,
+                                                                              trainer_args, stage):
+    """The on-policy shortcut moves the old log-probs into the training pass, after the driver's
+    step: a step that shapes rewards with them needs them from the stage, as PPO does."""
+    from chatlearn.roles import PolicyInference, PolicyReference, RewardInference
+
+    engine_cls, trainer_cls = {"grpo": ("GRPOEngine", "GRPOTrainer"), "rloo": ("RLOOEngine", "RLOOTrainer"),
+                               "reinforce_pp": ("ReinforcePPEngine", "ReinforcePPTrainer")}[algo]
+    for key in ("policy_load", "data_path"):
+        monkeypatch.setenv(key, str(tmp_path))
+    monkeypatch.setenv("num_training_epoch", "1")
+    chatlearn.init(os.path.join(os.path.dirname(GRPO_YAML), f"{algo}.yaml"))
+    args = chatlearn.get_args()
+    args.models["policy_trainer"].args_dict.update(recompute_old_logprobs=True, **trainer_args)
+    args.runtime.sample_per_episode = 16  # x n (8, or 1 for REINFORCE++) <= one global batch of 128
+    args.runtime.train_global_batch_size = 128
+    engine = getattr(chatlearn, engine_cls)(PolicyInference("policy"), PolicyReference("reference"),
+                                            RewardInference("reward"), getattr(chatlearn, trainer_cls)("policy_trainer"))
+    stages = {(node.model, node.method) for node in engine.environment.graph}
+    assert (("policy_trainer", "forward_step") in stages) is stage

@@ -1,4 +1,5 @@
-"""PPO, GRPO and online DPO end to end on the real stack (Ray, vLLM, megatron-core), a few episodes each.
+"""PPO, GRPO, RLOO, REINFORCE++ and online DPO end to end on the real stack (Ray, vLLM, megatron-core),
+a few episodes each.
 
 Each run uses the tiny configs of examples/megatron/configs/tiny with an untrained
 tiny model (learning is checked by the main job's slow test, test_main_job.py):
@@ -90,6 +91,40 @@ def test_grpo_engine_runs(ray_session, monkeypatch, tiny):
     assert "kl" in history[0] and "reward/group_std" in history[0]
 
 
+@pytest.mark.parametrize("algo, knobs, samples, keys", [
+    # 8 prompts x n=4; the KL to the reference is in the driver's rewards, so the driver reports it
+    ("rloo", {"policy_n": 4}, 32, ("kl", "advantages/abs_mean", "reward/group_std")),
+    # the tiny config's n=1: the whitening over the training batch is the only baseline
+    ("reinforce_pp", {}, 8, ("kl", "returns/mean")),
+])
+def test_critic_free_policy_gradient_engines_run(ray_session, monkeypatch, tiny, algo, knobs, samples, keys):
+    import importlib
+
+    main = importlib.import_module(f"train_{algo}").main
+    history, run_dir = _run(monkeypatch, tiny, algo, main, sample_per_episode=8, generation_batch_size=8, **knobs)
+    _check_run(history, run_dir, ["policy_trainer"], ["policy_trainer->policy"])
+    assert history[0]["samples/environment"] == samples
+    for key in ("reward/mean", "loss/policy", "clipfrac", "entropy", *keys):
+        assert key in history[0], key
+    # The policy is the reference until its first update (on CPU vLLM's and Megatron's fp32 log-probs
+    # agree to ~1e-6 per token); after it, the driver's KL measures the policy's drift.
+    assert abs(history[0]["kl"]) < 1e-4
+    assert abs(history[1]["kl"]) > 1e-4
+
+
+def test_rloo_needs_two_responses_per_prompt_before_any_worker_starts(monkeypatch, tiny):
+    from chatlearn.roles import PolicyInference, PolicyReference, RewardInference, RLOOTrainer
+
+    for key in ("policy_load", "data_path"):
+        monkeypatch.setenv(key, tiny[key])
+    monkeypatch.setenv("policy_n", "1")
+    chatlearn.init(os.path.join(CONFIGS, "rloo.yaml"))
+    with pytest.raises(ValueError, match=r"policy_inference_grpo\.yaml \(models\.policy\): n: RLOO .* needs n >= 2 "
+                                         r"responses per prompt, got n=1"):
+        chatlearn.RLOOEngine(PolicyInference("policy"), PolicyReference("reference"), RewardInference("reward"),
+                             RLOOTrainer("policy_trainer"))
+
+
 def test_online_dpo_engine_runs(ray_session, monkeypatch, tiny):
     from train_online_dpo import main
 
@@ -101,17 +136,31 @@ def test_online_dpo_engine_runs(ray_session, monkeypatch, tiny):
     assert "dpo/accuracy" in history[0]
 
 
-def test_grpo_needs_dynamic_loader(monkeypatch, tiny):
-    from chatlearn.roles import GRPOTrainer, PolicyInference, PolicyReference, RewardInference
+@pytest.mark.parametrize("algo, n, needs_dynamic", [
+    ("grpo", 8, True), ("rloo", 8, True), ("reinforce_pp", 2, True),
+    ("reinforce_pp", 1, False),  # one response per prompt: the fixed loader's count is right
+])
+def test_engines_with_n_responses_per_prompt_need_the_dynamic_loader(monkeypatch, tiny, algo, n, needs_dynamic):
+    from chatlearn.roles import PolicyInference, PolicyReference, RewardInference
 
+    engine, trainer = {"grpo": ("GRPOEngine", "GRPOTrainer"), "rloo": ("RLOOEngine", "RLOOTrainer"),
+                       "reinforce_pp": ("ReinforcePPEngine", "ReinforcePPTrainer")}[algo]
     for key in ("policy_load", "data_path"):
         monkeypatch.setenv(key, tiny[key])
     monkeypatch.setenv("exp_name", "x")
-    chatlearn.init(os.path.join(CONFIGS, "grpo.yaml"))
+    monkeypatch.setenv("policy_n", str(n))
+    chatlearn.init(os.path.join(CONFIGS, f"{algo}.yaml"))
     chatlearn.get_args().runtime.stream_data_loader_type = "fixed"
-    with pytest.raises(ValueError, match="runtime.stream_data_loader_type: GRPOEngine needs 'dynamic'"):
-        chatlearn.GRPOEngine(PolicyInference("policy"), PolicyReference("reference"), RewardInference("reward"),
-                             GRPOTrainer("policy_trainer"))
+
+    def build():
+        return getattr(chatlearn, engine)(PolicyInference("policy"), PolicyReference("reference"),
+                                          RewardInference("reward"), getattr(chatlearn, trainer)("policy_trainer"))
+
+    if needs_dynamic:
+        with pytest.raises(ValueError, match=f"runtime.stream_data_loader_type: {engine} needs 'dynamic'"):
+            build()
+    else:
+        assert build().rollout_processor is not None
 
 
 @pytest.mark.parametrize("algo", ["online_dpo", "grpo"])

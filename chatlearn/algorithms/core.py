@@ -10,7 +10,7 @@ token, so it carries 0.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Mapping, Optional, TypeVar
+from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 import torch
 
@@ -40,6 +40,13 @@ class StatelessRollouts:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def require_rollout_keys(batch: Mapping[str, Any], keys: Sequence[str], algorithm: str) -> None:
+    """A rollout processor's check that the environment flow produced every key it reads."""
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"{algorithm} needs rollout keys {missing} from the environment flow (it has {sorted(batch)})")
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
@@ -86,6 +93,18 @@ def masked_whiten_global(x: torch.Tensor, mask: torch.Tensor, group: Any = None,
     var = (squares - count * mean * mean) / max(count - 1.0, 1.0)
     out = (x - mean) * torch.rsqrt(torch.tensor(max(var, 0.0) + eps, dtype=x.dtype))
     return out * mask.to(x.dtype)
+
+
+def whiten_advantages(data_list: list[dict], group: Any) -> list[dict]:
+    """Whiten advantages over every response token of the global training batch: this rank's
+    micro-batches and those of every other rank of ``group`` (the data-parallel group; None:
+    this rank's alone); padding rows (``sample_valid`` 0) left out."""
+    flat_adv = torch.cat([mb["advantages"].float().flatten() for mb in data_list])
+    flat_mask = torch.cat([(mb["loss_mask"].float() * mb.get("sample_valid", torch.ones(len(mb["loss_mask"])))
+                            .float()[:, None]).flatten() for mb in data_list])
+    whitened = masked_whiten_global(flat_adv, flat_mask, group=group)
+    whitened = whitened.split([mb["advantages"].numel() for mb in data_list])
+    return [{**mb, "advantages": w.view_as(mb["advantages"])} for mb, w in zip(data_list, whitened)]
 
 
 def _collective_device() -> torch.device:

@@ -15,27 +15,24 @@ mean over responses of each response's token mean).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from chatlearn.algorithms.core import LossAggregator, StatelessRollouts
+from chatlearn.algorithms.core import LossAggregator, StatelessRollouts, require_rollout_keys
+from chatlearn.algorithms.ppo import SurrogateConfig
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(SurrogateConfig):
     """GRPO settings, read from the policy trainer's model args."""
 
     kl_coef: float = 0.04
-    clip_eps: float = 0.2
     std_normalize: bool = True
     # > 0: train only on the top_k highest-scoring responses of each group
     # (advantages still come from the whole group).
     select_top_k: int = 0
     # The GRPO paper's objective: each response's token mean, averaged over responses.
     loss_agg_mode: str = "seq-mean-token-mean"
-    recompute_old_logprobs: Any = "auto"   # as PPOConfig
-    tis_cap: float = 0.0                   # as PPOConfig
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, std_normalize: bool = True,
@@ -48,6 +45,29 @@ def group_advantages(scores: torch.Tensor, group_size: int, std_normalize: bool 
     if std_normalize and group_size > 1:
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
     return centred.reshape(-1)
+
+
+def check_group_size(group_size: int, algorithm: str) -> None:
+    """A group baseline needs at least two responses per prompt."""
+    if group_size < 2:
+        raise ValueError(f"{algorithm} needs n >= 2 responses per prompt (the policy's `n`), got {group_size}")
+
+
+def group_metrics(scores: torch.Tensor, group_size: int, mask: torch.Tensor) -> dict[str, float]:
+    """The episode's scores seen group by group (``scores`` [g * group_size], ``mask`` the loss mask)."""
+    spread = scores.float().view(-1, group_size).std(dim=1)
+    return {
+        "reward/mean": float(scores.float().mean()),
+        "reward/group_std": float(spread.mean()),
+        # Groups whose responses all scored the same teach nothing (zero advantage).
+        "groups/solved_none_or_all": float((spread == 0).float().mean()),
+        "response_length/mean": float(mask.float().sum(-1).mean()),
+    }
+
+
+def has_advantage(sample: dict) -> bool:
+    """A response with zero advantage on every token teaches nothing alone (its group scored all alike)."""
+    return bool(sample["advantages"].abs().sum() > 0)
 
 
 def top_k_in_groups(scores: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
@@ -80,25 +100,15 @@ class GRPORollouts(StatelessRollouts):
     """
 
     def __init__(self, cfg: GRPOConfig, group_size: int):
-        if group_size < 2:
-            raise ValueError(f"GRPO needs n >= 2 responses per prompt (the policy's `n`), got {group_size}")
+        check_group_size(group_size, "GRPO")
         self.cfg, self.group_size = cfg, group_size
 
     def process(self, batch: dict, episode: int) -> tuple[dict, dict[str, float]]:
-        for key in ("scores", "loss_mask"):
-            if key not in batch:
-                raise KeyError(f"GRPO needs rollout key {key!r} from the environment flow (it has {sorted(batch)})")
+        require_rollout_keys(batch, ("scores", "loss_mask"), "GRPO")
         scores = batch["scores"].float()
         advantages = group_advantages(scores, self.group_size, self.cfg.std_normalize)
         mask = batch["loss_mask"].float()
-        grouped = scores.view(-1, self.group_size)
-        metrics = {
-            "reward/mean": float(scores.mean()),
-            "reward/group_std": float(grouped.std(dim=1).mean()),
-            # Groups whose responses all scored the same teach nothing (zero advantage).
-            "groups/solved_none_or_all": float((grouped.std(dim=1) == 0).float().mean()),
-            "response_length/mean": float(mask.sum(-1).mean()),
-        }
+        metrics = group_metrics(scores, self.group_size, mask)
         batch["advantages"] = advantages[:, None] * mask  # in place: the rollout dump records every response
         out = batch
         if self.cfg.select_top_k:
@@ -107,5 +117,4 @@ class GRPORollouts(StatelessRollouts):
         return out, metrics
 
     def is_trainable(self, sample: dict) -> bool:
-        """A response whose group scored all alike has zero advantage: alone it teaches nothing."""
-        return bool(sample["advantages"].abs().sum() > 0)
+        return has_advantage(sample)

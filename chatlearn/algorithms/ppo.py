@@ -25,12 +25,27 @@ from typing import Any, Optional
 
 import torch
 
-from chatlearn.algorithms.core import LossAggregator, masked_mean, masked_var
+from chatlearn.algorithms.core import LossAggregator, masked_mean, masked_var, require_rollout_keys
 
 
 @dataclass
-class PPOConfig:
-    """PPO settings, read from the policy trainer's model args (its ``model_config_file``)."""
+class SurrogateConfig:
+    """The clipped surrogate's settings, in every algorithm that trains with it (PPO, GRPO, RLOO,
+    REINFORCE++); read, with the algorithm's own, from the policy trainer's model args."""
+
+    clip_eps: float = 0.2
+    loss_agg_mode: str = "token-mean"   # how the policy loss averages (LOSS_AGG_MODES)
+    # Recompute old_logprobs with the trainer before the update (verl): "auto" (on GPU, where
+    # bf16 kernels make the sampler's log-probs differ from the trainer's), True or False.
+    recompute_old_logprobs: Any = "auto"
+    # > 0: weight each token's surrogate by min(pi_old / behaviour, tis_cap) (needs the recompute).
+    tis_cap: float = 0.0
+
+
+@dataclass
+class PPOConfig(SurrogateConfig):
+    """PPO settings, read from the policy trainer's model args (its ``model_config_file``);
+    ``loss_agg_mode`` averages the value loss too."""
 
     init_kl_coef: float = 0.05
     adaptive_kl: bool = False       # Ziegler et al. 2019: steer the coefficient towards kl_target
@@ -38,17 +53,10 @@ class PPOConfig:
     kl_horizon: int = 10000
     gamma: float = 1.0
     lam: float = 0.95
-    clip_eps: float = 0.2
     value_clip_eps: float = 0.2
     entropy_coef: float = 0.0
     whiten_advantages: bool = True
     score_clip: float = 0.0         # > 0: clip the sequence score to [-score_clip, score_clip]
-    loss_agg_mode: str = "token-mean"   # how the policy and value losses average (LOSS_AGG_MODES)
-    # Recompute old_logprobs with the trainer before the update (verl): "auto" (on GPU, where
-    # bf16 kernels make the sampler's log-probs differ from the trainer's), True or False.
-    recompute_old_logprobs: Any = "auto"
-    # > 0: weight each token's surrogate by min(pi_old / behaviour, tis_cap) (needs the recompute).
-    tis_cap: float = 0.0
 
 
 class FixedKLController:
@@ -183,9 +191,7 @@ class PPORollouts:
         self.kl_ctl = make_kl_controller(cfg)
 
     def process(self, batch: dict, episode: int) -> tuple[dict, dict[str, float]]:
-        missing = [k for k in self.REQUIRED if k not in batch]
-        if missing:
-            raise KeyError(f"PPO needs rollout keys {missing} from the environment flow (it has {sorted(batch)})")
+        require_rollout_keys(batch, self.REQUIRED, "PPO")
         mask = batch["loss_mask"].float()
         scores = batch["scores"].float()
         if self.cfg.score_clip > 0:

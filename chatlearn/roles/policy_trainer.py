@@ -1,6 +1,6 @@
-"""The policy's training side on Megatron: PPO, GRPO and online-DPO losses.
+"""The policy's training side on Megatron: PPO, GRPO, RLOO, REINFORCE++ and online-DPO losses.
 
-Every loss here is a few lines over ``chatlearn.algorithms``; what the three
+Every loss here is a few lines over ``chatlearn.algorithms``; what they
 share lives in ``_PolicyTrainer``: token log-probs of the sampling
 distribution, the entropy, the optional recompute of ``old_logprobs``, and
 the training/inference consistency check.
@@ -36,11 +36,13 @@ from typing import Optional
 
 import torch
 
-from chatlearn.algorithms.core import (LOSS_AGG_MODES, LossAggregator, config_from_args, masked_whiten_global,
-                                       sequence_logprob)
+from chatlearn.algorithms.core import (LOSS_AGG_MODES, LossAggregator, config_from_args, sequence_logprob,
+                                       whiten_advantages)
 from chatlearn.algorithms.dpo import PAIRED_KEYS, DPOConfig, dpo_loss
 from chatlearn.algorithms.grpo import GRPOConfig, kl_loss
 from chatlearn.algorithms.ppo import PPOConfig, policy_loss, truncated_is_weights
+from chatlearn.algorithms.reinforce_pp import ReinforcePPConfig
+from chatlearn.algorithms.rloo import RLOOConfig
 from chatlearn.data.batching import concat_padded
 from chatlearn.models.megatron import MegatronModule
 from chatlearn.models.megatron.schedule import micro_batch_logprobs_and_entropy
@@ -161,7 +163,9 @@ class PolicyTrainer(_PolicyTrainer):
 
     def train_step(self, data_list: list[dict], iteration: int) -> Optional[dict]:
         if self.cfg.whiten_advantages:
-            data_list = _whiten_advantages(data_list)
+            from megatron.core import parallel_state as ps
+
+            data_list = whiten_advantages(data_list, ps.get_data_parallel_group())
         return super().train_step(data_list, iteration)
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
@@ -173,6 +177,13 @@ class PolicyTrainer(_PolicyTrainer):
         return loss, metrics
 
 
+class ReinforcePPTrainer(PolicyTrainer):
+    """REINFORCE++: PPO's loss on the driver's reward-to-go returns, whitened over the global
+    training batch; no value model. Settings: ``ReinforcePPConfig`` keys."""
+
+    config_class = ReinforcePPConfig
+
+
 class GRPOTrainer(_PolicyTrainer):
     """GRPO: clipped surrogate on group-normalised advantages + ``kl_coef`` x KL to the reference."""
 
@@ -181,11 +192,26 @@ class GRPOTrainer(_PolicyTrainer):
 
     def loss_fn(self, logits: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         surrogate, metrics, logp, entropy, agg = self._surrogate(logits, micro_batch, self.cfg.clip_eps)
+        metrics.update({"loss/policy": surrogate.detach(), "entropy": agg.token_mean(entropy.detach())})
+        if not self._kl_in_loss():
+            return surrogate, metrics
         kl = kl_loss(logp, micro_batch["ref_logprobs"].to(logits.device), agg, self.cfg.loss_agg_mode)
-        loss = surrogate + self.cfg.kl_coef * kl
-        metrics.update({"loss/policy": surrogate.detach(), "kl": kl.detach(),
-                        "entropy": agg.token_mean(entropy.detach())})
-        return loss, metrics
+        metrics["kl"] = kl.detach()
+        return surrogate + self.cfg.kl_coef * kl, metrics
+
+    def _kl_in_loss(self) -> bool:
+        """GRPO's KL to the reference is a loss term; RLOO's is in the reward unless told otherwise."""
+        return True
+
+
+class RLOOTrainer(GRPOTrainer):
+    """RLOO: clipped surrogate on leave-one-out advantages; the KL to the reference is in the
+    driver's rewards (``kl_in_reward``, default) or, as GRPO's, a loss term."""
+
+    config_class = RLOOConfig
+
+    def _kl_in_loss(self) -> bool:
+        return not self.cfg.kl_in_reward
 
 
 class DPOTrainer(_PolicyTrainer):
@@ -218,19 +244,6 @@ class DPOTrainer(_PolicyTrainer):
         metrics.update({"loss/policy": loss.detach(),
                         "entropy": agg.token_mean(entropy.detach())})
         return loss, metrics
-
-
-def _whiten_advantages(data_list: list[dict]) -> list[dict]:
-    """Whiten advantages over every response token of the global training batch (all
-    data-parallel ranks; padding rows left out)."""
-    from megatron.core import parallel_state as ps
-
-    flat_adv = torch.cat([mb["advantages"].float().flatten() for mb in data_list])
-    flat_mask = torch.cat([(mb["loss_mask"].float() * mb.get("sample_valid", torch.ones(len(mb["loss_mask"])))
-                            .float()[:, None]).flatten() for mb in data_list])
-    whitened = masked_whiten_global(flat_adv, flat_mask, group=ps.get_data_parallel_group())
-    whitened = whitened.split([mb["advantages"].numel() for mb in data_list])
-    return [{**mb, "advantages": w.view_as(mb["advantages"])} for mb, w in zip(data_list, whitened)]
 
 
 def _stack_pair(micro_batch: dict) -> dict:

@@ -1,5 +1,5 @@
-"""The RL presets: PPO (``RLHFEngine``), GRPO and online DPO on the generic ``Engine``,
-and ChatLearn 1.x's other presets (``DPOEngine``, ``GRPOMathEngine``).
+"""The RL presets: PPO (``RLHFEngine``), GRPO, RLOO, REINFORCE++ and online DPO on the generic
+``Engine``, and ChatLearn 1.x's other presets (``DPOEngine``, ``GRPOMathEngine``).
 
 Each preset is the algorithm's dataflow in a few lines: which models an
 episode's prompts go through (environment flow), what the driver computes from
@@ -26,6 +26,8 @@ from chatlearn.algorithms.core import config_from_args
 from chatlearn.algorithms.dpo import PAIRED_KEYS, DPOConfig, DPOPairs
 from chatlearn.algorithms.grpo import GRPOConfig, GRPORollouts
 from chatlearn.algorithms.ppo import PPOConfig, PPORollouts
+from chatlearn.algorithms.reinforce_pp import ReinforcePPConfig, ReinforcePPRollouts
+from chatlearn.algorithms.rloo import RLOOConfig, RLOORollouts
 from chatlearn.config.globals import get_args
 from chatlearn.models.base import BaseModule
 from chatlearn.runtime.engine import Engine
@@ -38,7 +40,7 @@ Switch = Union[bool, str, None]
 PPO_NEEDS = PPORollouts.REQUIRED
 PPO_ADDS = ("advantages", "returns")
 GRPO_NEEDS = ("scores", "loss_mask")
-GRPO_ADDS = ("advantages",)
+ADVANTAGES = ("advantages",)  # what the GRPO, RLOO and REINFORCE++ steps add
 DPO_NEEDS = ("scores", *PAIRED_KEYS)
 DPO_ADDS = tuple(f"{side}_{key}" for side in ("chosen", "rejected") for key in PAIRED_KEYS)
 
@@ -232,8 +234,8 @@ class RLHFEngine(Engine):
 
 
 class _CriticFreeEngine(Engine):
-    """The dataflow GRPO and online DPO share: policy -> reference -> reward, the
-    algorithm's rollout processor in the driver, policy_trainer trains, sync to policy."""
+    """The dataflow GRPO, RLOO, REINFORCE++ and online DPO share: policy -> reference -> reward,
+    the algorithm's rollout processor in the driver, policy_trainer trains, sync to policy."""
 
     def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, policy_trainer: BaseModule,
                  evaluator: Optional[Evaluator], processor, recompute: bool = False, name: Optional[str] = None):
@@ -260,7 +262,35 @@ def _grpo_processor(engine: str, step: DriverStep, policy: BaseModule, policy_tr
                                      _samples_per_prompt(policy)), GRPO_NEEDS, "GRPO")
 
 
-class GRPOEngine(_CriticFreeEngine):
+class _AdvantageEngine(_CriticFreeEngine):
+    """A critic-free preset whose driver step adds ``advantages`` (GRPO, RLOO, REINFORCE++), switched by
+    ``compute_advantages`` as in ``RLHFEngine``.
+
+    The old-log-prob stage runs with ``recompute_old_logprobs``, skipped on an on-policy step
+    (``old_logprobs_stage``) unless the driver's step reads ``old_logprobs`` itself (a KL in the
+    reward): the driver runs before training, so it would see the sampler's, not the trainer's.
+    """
+
+    preset = "engine"  # the class's name, for messages
+
+    def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, policy_trainer: BaseModule,
+                 evaluator: Optional[Evaluator] = None, compute_advantages: Switch = AUTO):
+        self.driver_step = DriverStep(self.preset, "compute_advantages", compute_advantages, [policy_trainer],
+                                      ADVANTAGES)
+        processor, recompute = None, False
+        if self.driver_step.on:
+            processor, reads_old = self._processor(policy, policy_trainer)
+            recompute = _recomputes_old_logprobs(policy_trainer) if reads_old \
+                else old_logprobs_stage(policy_trainer, policy)
+        super().__init__(policy, reference, reward, policy_trainer, evaluator, processor, recompute=recompute,
+                         name=self.preset)
+
+    def _processor(self, policy: BaseModule, policy_trainer: BaseModule) -> tuple[CheckedStep, bool]:
+        """The driver's step behind its key check, and whether it reads ``old_logprobs`` before training."""
+        raise NotImplementedError
+
+
+class GRPOEngine(_AdvantageEngine):
     """GRPO: no value model; ``n`` responses per prompt scored and normalised within their group.
 
         environment: policy (n samples per prompt) [-> policy_trainer: old_logprobs] -> reference -> reward
@@ -272,14 +302,60 @@ class GRPOEngine(_CriticFreeEngine):
     ``needs_rollout_keys`` with ``advantages``); the step needs ``stream_data_loader_type: dynamic``.
     """
 
-    def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, policy_trainer: BaseModule,
-                 evaluator: Optional[Evaluator] = None, compute_advantages: Switch = AUTO):
-        self.driver_step = DriverStep("GRPOEngine", "compute_advantages", compute_advantages, [policy_trainer],
-                                      GRPO_ADDS)
-        processor = _grpo_processor("GRPOEngine", self.driver_step, policy, policy_trainer)
-        super().__init__(policy, reference, reward, policy_trainer, evaluator, processor,
-                         recompute=self.driver_step.on and old_logprobs_stage(policy_trainer, policy),
-                         name="GRPOEngine")
+    preset = "GRPOEngine"
+
+    def _processor(self, policy: BaseModule, policy_trainer: BaseModule) -> tuple[CheckedStep, bool]:
+        return _grpo_processor(self.preset, self.driver_step, policy, policy_trainer), False
+
+
+class RLOOEngine(_AdvantageEngine):
+    """RLOO: no value model; ``n`` >= 2 responses per prompt, each one's baseline the mean reward of
+    the others.
+
+        environment: policy (n samples per prompt) [-> policy_trainer: old_logprobs] -> reference -> reward
+        driver:      KL-penalised rewards, leave-one-out advantages (RLOORollouts), when compute_advantages is on
+        trainer:     policy_trainer.train_step (clipped loss; a KL loss only with kl_in_reward: false)
+        sync:        policy_trainer -> policy
+
+    The step needs ``n >= 2`` and ``stream_data_loader_type: dynamic``, checked here, before any
+    worker starts.
+    """
+
+    preset = "RLOOEngine"
+
+    def _processor(self, policy: BaseModule, policy_trainer: BaseModule) -> tuple[CheckedStep, bool]:
+        n = _samples_per_prompt(policy)
+        if n < 2:
+            raise ValueError(f"{_model_file(policy)}: n: RLOO compares each response with the other responses "
+                             f"to its prompt, so it needs n >= 2 responses per prompt, got n={n}")
+        _require_dynamic(self.preset, "each prompt yields n responses")
+        cfg = config_from_args(RLOOConfig, _trainer_args(policy_trainer))
+        processor = RLOORollouts(cfg, n)
+        return self.driver_step.checked(processor, processor.needs, "RLOO"), cfg.reads_old_logprobs()
+
+
+class ReinforcePPEngine(_AdvantageEngine):
+    """REINFORCE++: no value model; the KL to the reference in the token rewards, reward-to-go returns
+    whitened over the training batch as advantages.
+
+        environment: policy (n samples per prompt, n >= 1) [-> policy_trainer: old_logprobs] -> reference
+                     -> reward
+        driver:      KL-shaped token rewards and their reward-to-go (ReinforcePPRollouts), when
+                     compute_advantages is on
+        trainer:     policy_trainer.train_step (whitens the returns over the global batch, clipped loss)
+        sync:        policy_trainer -> policy
+
+    With ``n`` > 1 the step needs ``stream_data_loader_type: dynamic``.
+    """
+
+    preset = "ReinforcePPEngine"
+
+    def _processor(self, policy: BaseModule, policy_trainer: BaseModule) -> tuple[CheckedStep, bool]:
+        if _samples_per_prompt(policy) > 1:
+            _require_dynamic(self.preset, "each prompt yields n responses")
+        cfg = config_from_args(ReinforcePPConfig, _trainer_args(policy_trainer))
+        processor = ReinforcePPRollouts(cfg)
+        return self.driver_step.checked(processor, processor.needs, "REINFORCE++"), cfg.reads_old_logprobs()
 
 
 class OnlineDPOEngine(_CriticFreeEngine):
@@ -343,7 +419,7 @@ class GRPOMathEngine(Engine):
     def __init__(self, policy: BaseModule, reference: BaseModule, reward: BaseModule, reward1: BaseModule,
                  ppo_policy: BaseModule, compute_advantages: Switch = AUTO):
         self.driver_step = DriverStep("GRPOMathEngine", "compute_advantages", compute_advantages, [ppo_policy],
-                                      GRPO_ADDS)
+                                      ADVANTAGES)
         processor = _grpo_processor("GRPOMathEngine", self.driver_step, policy, ppo_policy)
         recompute = self.driver_step.on and old_logprobs_stage(ppo_policy, policy)
 

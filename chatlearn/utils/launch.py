@@ -3,6 +3,7 @@ model fitting) and tests that need a few Megatron ranks in plain processes."""
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -61,7 +62,10 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, threads: in
     try:
         fn(rank, world, *args)
     finally:
-        from chatlearn.models.megatron.parallel import destroy_parallel_state
+        # Only a rank that used Megatron has its parallel state to tear down; importing Megatron
+        # just to find none costs a rank seconds.
+        if "megatron.core.parallel_state" in sys.modules:
+            from chatlearn.models.megatron.parallel import destroy_parallel_state
 
-        destroy_parallel_state()
+            destroy_parallel_state()
         dist.destroy_process_group()

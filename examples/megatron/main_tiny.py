@@ -1,7 +1,9 @@
 """The embedded default: a real RLHF run on 2 CPU cores that visibly improves a model.
 
-    python examples/megatron/main_tiny.py                 # PPO (RLHFEngine), 4.9 minutes on 2 cores (README)
-    python examples/megatron/main_tiny.py --algo grpo     # GRPO on the rule reward
+    python examples/megatron/main_tiny.py                       # PPO (RLHFEngine), 4.9 minutes on 2 cores (README)
+    python examples/megatron/main_tiny.py --algo grpo           # GRPO on the rule reward
+    python examples/megatron/main_tiny.py --algo rloo           # RLOO (leave-one-out baseline), the same
+    python examples/megatron/main_tiny.py --algo reinforce_pp   # REINFORCE++ (one response per prompt)
     python examples/megatron/main_tiny.py --algo online_dpo
     python examples/megatron/main_tiny.py --algo grpo --policy-lag 1   # asynchronous: generation 1 episode ahead
 
@@ -10,8 +12,9 @@ Steps (each reuses its output when it exists, so a rerun resumes):
   2. write the task: arithmetic prompts with known answers, split into training and held-out prompts;
   3. SFT warm start on Megatron (examples/megatron/train_sft.py);
   4. fit a reward model on (right answer, wrong answer) pairs (train_reward.py; PPO only);
-  5. RL through the engine (train_rlhf.py / train_grpo.py / train_online_dpo.py with
-     configs/tiny/): vLLM sampling, Megatron training, Ray, parameter sync every episode;
+  5. RL through the engine (train_rlhf.py / train_grpo.py / train_rloo.py / train_reinforce_pp.py /
+     train_online_dpo.py with configs/tiny/<algo>.yaml): vLLM sampling, Megatron training, Ray,
+     parameter sync every episode;
   6. print held-out reward and accuracy from before training to the end, and plot them (PNG).
 """
 from __future__ import annotations
@@ -37,12 +40,14 @@ from chatlearn.utils.metrics import read_metrics  # noqa: E402
 ALGORITHMS = {
     "ppo": ("train_rlhf.py", "rlhf.yaml"),
     "grpo": ("train_grpo.py", "grpo.yaml"),
+    "rloo": ("train_rloo.py", "rloo.yaml"),
+    "reinforce_pp": ("train_reinforce_pp.py", "reinforce_pp.yaml"),
     "online_dpo": ("train_online_dpo.py", "online_dpo.yaml"),
 }
 
 
 # The policy trainer's model name in each config (its final weights: <run dir>/hf_<name>).
-TRAINERS = {"ppo": "ppo_policy", "grpo": "policy_trainer", "online_dpo": "policy_trainer"}
+TRAINERS = {"ppo": "ppo_policy", **{algo: "policy_trainer" for algo in ALGORITHMS if algo != "ppo"}}
 
 
 def _command_text(cmd: list[str], width: int = 100) -> str:

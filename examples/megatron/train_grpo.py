@@ -23,7 +23,8 @@ from train_rlhf import build_evaluator  # noqa: E402
 
 
 def main(engine_cls=GRPOEngine, trainer_cls=GRPOTrainer) -> list[dict]:
-    """Also the online-DPO recipe (train_online_dpo.py): the same four roles, another engine and trainer."""
+    """Also the online-DPO, RLOO and REINFORCE++ recipes (train_online_dpo.py, train_rloo.py,
+    train_reinforce_pp.py): the same four roles, another engine and trainer."""
     chatlearn.init()
     args = chatlearn.get_args()
     apply_driver_keys(args, sampler="policy")  # ChatLearn 1.x example keys (num_inference_per_prompt, ...)
