@@ -38,3 +38,11 @@ def toy_env(tmp_path, monkeypatch):
     monkeypatch.setenv("output_dir", str(tmp_path / "out"))
     monkeypatch.setenv("record_dir", str(tmp_path / "records"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def main_job_dir(tmp_path_factory):
+    """One --output-dir for every main-job run of a session: the first run builds the tiny model,
+    the task and the SFT warm start, and the others reuse them (main_tiny.py reuses what exists),
+    as the README's runs do; each algorithm writes its own run directory in it."""
+    return tmp_path_factory.mktemp("main_job")

@@ -59,6 +59,7 @@ def test_each_episode_trains_on_rollouts_sampled_lag_versions_earlier(ray_sessio
     assert len(generated) == 4 * 4  # 4 episodes x 4 generation batches (rank 0 records all)
 
 
+@pytest.mark.slow  # two toy runs, ~50 s; the lag-0 path is the one every other engine test runs
 def test_lag_zero_is_the_synchronous_run(ray_session, tmp_path, monkeypatch):
     prompts = make_prompts(40)
     sync = _run(tmp_path, monkeypatch, "sync", 0, episodes=2, prompts=prompts)
@@ -113,17 +114,18 @@ def test_recompute_old_logprobs_true_with_a_lag_is_refused_before_start(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_the_main_job_still_learns_with_a_policy_lag(tmp_path):
+def test_the_main_job_still_learns_with_a_policy_lag(main_job_dir):
     """GRPO on the tiny main job, trained one policy version behind its sampler."""
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, "examples/megatron/main_tiny.py", "--algo", "grpo", "--policy-lag", "1",
-                          "--output-dir", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=1700)
+                          "--episodes", "100", "--output-dir", str(main_job_dir)],
+                         cwd=root, capture_output=True, text=True, timeout=1700)
     assert run.returncode == 0, run.stderr[-4000:]
-    summary = json.loads((tmp_path / "grpo_lag1" / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (tmp_path / "grpo_lag1" / "metrics.jsonl").open()]
+    summary = json.loads((main_job_dir / "grpo_lag1" / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (main_job_dir / "grpo_lag1" / "metrics.jsonl").open()]
     assert {m["async/policy_lag"] for m in metrics if m.get("episode", -1) >= 1} == {1.0}
     assert summary["heldout_accuracy_last3"] > summary["heldout_accuracy_start"] + 0.05, summary
     assert summary["heldout_greedy_accuracy_end"] > summary["heldout_greedy_accuracy_start"], summary

@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce_pp", "online_dpo"])
-def test_main_job_improves_heldout_reward_and_accuracy(tmp_path, algo):
-    out = tmp_path / "tiny"
+def test_main_job_improves_heldout_reward_and_accuracy(main_job_dir, algo):
+    out = main_job_dir
     run = subprocess.run([sys.executable, "examples/megatron/main_tiny.py", "--algo", algo, "--output-dir", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=1700)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -104,6 +104,7 @@ def test_rollout_dump_records_every_rollout(uninterrupted):
         assert sum(r["reward"] for r in records) / 16 == pytest.approx(rewards[episode], rel=1e-6)
 
 
+@pytest.mark.slow  # ~105 s; test_runtime_engine's resume test covers a crash mid-training by default
 def test_killed_while_training_resumes_exactly(tiny, uninterrupted):
     run(tiny, "killed_in_train", kill="2:train")
     checkpoints = sorted(os.listdir(tiny["root"] / "killed_in_train" / "ppo" / "checkpoints"))

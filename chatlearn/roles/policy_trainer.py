@@ -68,8 +68,9 @@ class _PolicyTrainer(MegatronModule):
         self._check_consistency = True
         self._consistency: list[torch.Tensor] = []  # trainer - sampler logprob diffs of this step
         setting = getattr(self.cfg, "recompute_old_logprobs", False)
-        lagged = self.runtime_args.policy_lag > 0  # as rl_engines._recomputes_old_logprobs resolves auto
-        self._recompute = platform.has_gpu() and not lagged if setting == "auto" else setting is True
+        # auto resolves as rl_engines._recomputes_old_logprobs does: on GPU, unless the run is lagged.
+        self._recompute = (platform.has_gpu() and self.runtime_args.policy_lag == 0) if setting == "auto" \
+            else setting is True
         self._old_in_loss = False  # this step's old log-probs are its own forward pass's (on-policy step)
         self._steps_this_episode = 0
 
