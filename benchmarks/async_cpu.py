@@ -33,9 +33,13 @@ def split_placement_config(directory: str) -> str:
     """grpo.yaml with the policy alone on its process and the other three roles sharing one."""
     path = os.path.join(directory, "grpo_split.yaml")
     with open(path, "w") as f:
-        f.write(f"includes:\n  - {GRPO_YAML}\nruntime:\n  colocation:\n    - policy\n"
-                f"    - policy_trainer,reference,reward\n")
+        # A model in no colocation group gets devices of its own: the policy here.
+        f.write(f"includes:\n  - {GRPO_YAML}\nruntime:\n  colocation:\n    - policy_trainer,reference,reward\n")
     return path
+
+
+def _share(value: float) -> str:
+    return "n/a" if value != value else f"{value:.0%}"  # NaN: the metric exists only with a lag
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = ("| policy_lag | s per episode | speed-up | generation s | training s | generator idle | trainer idle "
              "| held-out accuracy (last 3) |\n|---|---|---|---|---|---|---|---|\n") + "\n".join(
         f"| {lag} | {r['episode_s']:.2f} | {base / r['episode_s']:.2f}x | {r['generate_s']:.2f} | {r['train_s']:.2f} "
-        f"| {r['generator_idle']:.0%} | {r['trainer_idle']:.0%} | {r['heldout_accuracy_last3']:.3f} |"
+        f"| {_share(r['generator_idle'])} | {_share(r['trainer_idle'])} | {r['heldout_accuracy_last3']:.3f} |"
         for lag, r in rows.items())
     print(table, flush=True)
     machine = machine_name("cpu")
