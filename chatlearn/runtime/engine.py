@@ -163,10 +163,8 @@ class Engine:
         self._collate_fns: dict[str, Optional[Callable]] = {}  # a build_dataset Dataset's collate_fn
         self._store_name = f"chatlearn_store_{uuid.uuid4().hex[:12]}"  # put()/get() of the models
         self._warned_1x_save: set[str] = set()
-        # policy_lag > 0: generated episodes not trained on yet, oldest first (saved in checkpoints),
-        # and the generations still running while an episode trains.
+        # policy_lag > 0: generated episodes not trained on yet, oldest first (saved in checkpoints).
         self._in_flight: collections.deque[Rollouts] = collections.deque()
-        self._generating: list[LaunchedFlow] = []
 
     # -- user API ----------------------------------------------------------------
     def set_dataset(self, prompts: list) -> "Engine":
@@ -445,14 +443,15 @@ class Engine:
         # must see the whole episode first or colocated models take turns.
         streaming = not self.relay.relay_active(episode) and not self._uses_free_memory()
 
+        generating: list[LaunchedFlow] = []  # policy_lag > 0: the generations that overlap training
         if self.runtime.policy_lag == 0:
             with timer("time/environment"):
                 self._phase(active=self._flow_models(self.environment))
                 rollouts = self._collect(self._launch_environment(episode), stream if streaming else None)
         else:
             streaming = False
-            rollouts = self._run_lagged_environment(episode, timer)
-            metrics.update(self._lag_metrics(rollouts))
+            rollouts, generating = self._run_lagged_environment(episode, timer)
+            metrics.update(self._lag_metrics(rollouts, generating))
         samples = rollouts.samples
         metrics.update(rollouts.metrics)
         if self.runtime.rollout_dump_dir:
@@ -478,7 +477,7 @@ class Engine:
         with timer("time/train"):
             self._phase(active=self._flow_models(self.trainer))
             self._train_steps(stream.iter_train_batches())
-            self._collect_generations()  # policy_lag > 0: the generation that overlapped training
+            self._in_flight.extend(self._collect(flow, None) for flow in generating)
             metrics.update(self._collect_train_metrics())
         if not metrics["train/steps"]:
             logger.warning("episode %d: no trainable samples (%d samples, %d global batches without one; e.g. "
@@ -547,14 +546,13 @@ class Engine:
             metrics.update(self.rollout_processor.end_episode(dict(metrics)))
         return Rollouts(launched.episode, launched.version, samples, metrics, raw)
 
-    def _run_lagged_environment(self, episode: int, timer: Callable) -> "Rollouts":
-        """``policy_lag`` k > 0: return the rollouts episode ``episode`` trains on (generated k
-        episodes ago, or, in the first k episodes, by the initial policy) and keep the
-        generation k episodes ahead. The generations launched here sample with the current
-        weights; the episode's training is queued right after them and
-        ``_collect_generations`` waits for them inside ``time/train``, so the two overlap
-        unless colocated roles with ``free_memory`` must take turns (then generation runs
-        first)."""
+    def _run_lagged_environment(self, episode: int, timer: Callable) -> tuple["Rollouts", list["LaunchedFlow"]]:
+        """``policy_lag`` k > 0: the rollouts episode ``episode`` trains on (generated k episodes
+        ago, or, in the first k episodes, by the initial policy), and the generations launched
+        to keep k episodes ahead. Those sample with the current weights; the episode's training
+        is queued right after them and they are collected inside ``time/train``, so the two
+        overlap unless colocated roles with ``free_memory`` must take turns (then generation
+        runs first and nothing is left running)."""
         lag = self.runtime.policy_lag
         with timer("time/environment"):
             self._phase(active=self._flow_models(self.environment))
@@ -570,21 +568,15 @@ class Engine:
             if self._uses_free_memory():  # colocated roles take turns: generate now, train after
                 self._in_flight.extend(self._collect(flow, None) for flow in launched)
                 launched = []
-        self._generating = launched
-        return current
+        return current, launched
 
-    def _collect_generations(self) -> None:
-        """Wait for the generations ``_run_lagged_environment`` left running (none at lag 0)."""
-        launched, self._generating = self._generating, []
-        self._in_flight.extend(self._collect(flow, None) for flow in launched)
-
-    def _lag_metrics(self, rollouts: "Rollouts") -> dict[str, float]:
+    def _lag_metrics(self, rollouts: "Rollouts", generating: list["LaunchedFlow"]) -> dict[str, float]:
         """How stale this episode's training samples are: policy versions between the one that
         sampled them and the one they train (all samples of a fixed-lag episode share it)."""
         policy = self.environment.graph[0].model
         lag = self.weight_versions.get(policy, 0) - rollouts.version
         return {"async/policy_lag": float(lag), "async/generated_episode": float(rollouts.episode),
-                "async/in_flight_episodes": float(len(self._in_flight) + len(self._generating))}
+                "async/in_flight_episodes": float(len(self._in_flight) + len(generating))}
 
     def _episode_prompts(self, episode: int) -> list[dict]:
         prompts = self.prompt_data.next_episode(self.runtime.sample_per_episode)
