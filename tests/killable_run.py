@@ -56,15 +56,26 @@ def install(episode: int, point: str) -> None:
     sync = Engine._sync_parameters
     Engine._sync_parameters = at("after_sync", at("sync", sync), when="after")
 
-    run_flow = Engine._run_flow
+    # The environment's batches are read by Engine._collect (through _collect_flow); the
+    # evaluator's go through _collect_flow too, so only batches read inside _collect count.
+    collect, collect_flow = Engine._collect, Engine._collect_flow
+    in_collect = {"depth": 0}
 
-    def first_batch_then_die(self, flow, samples, ep):
-        for i, batch in enumerate(run_flow(self, flow, samples, ep)):
+    def collecting(self, *args, **kwargs):
+        in_collect["depth"] += 1
+        try:
+            return collect(self, *args, **kwargs)
+        finally:
+            in_collect["depth"] -= 1
+
+    def first_batch_then_die(self, outputs):
+        for i, batch in enumerate(collect_flow(self, outputs)):
             yield batch
-            if i == 0 and flow is self.environment and current["episode"] == episode and point == "rollouts":
+            if i == 0 and in_collect["depth"] and current["episode"] == episode and point == "rollouts":
                 _die()
 
-    Engine._run_flow = first_batch_then_die
+    Engine._collect = collecting
+    Engine._collect_flow = first_batch_then_die
     from chatlearn.runtime import checkpoint as checkpoint_module
 
     save = checkpoint_module.atomic_torch_save

@@ -268,6 +268,7 @@ def _megatron_worker(rank: int, world: int, model_dir: str, out_dir: str) -> Non
             MegatronModule.setup(self)
             self.cfg = PPOConfig(entropy_coef=0.1, whiten_advantages=False)
             self._check_consistency, self._consistency = False, []
+            self._recompute, self._old_in_loss, self._steps_this_episode = False, False, 0
 
         def loss_fn(self, logits, micro_batch):
             self.logits_width = logits.shape[-1]
