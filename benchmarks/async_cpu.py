@@ -1,7 +1,8 @@
-"""Fixed-lag asynchronous training on CPU: wall time per episode for policy_lag 0, 1 and 2 side by side.
+"""Asynchronous training on CPU: wall time per episode for policy_lag 0, 1 and 2 side by side.
 
     python benchmarks/async_cpu.py                    # 12 episodes per lag on the tiny GRPO main job
     python benchmarks/async_cpu.py --episodes 4       # a quick look
+    python benchmarks/async_cpu.py --lags 0,1,1s      # "1s": policy_lag 1 with policy_lag_mode streaming
 
 The tiny GRPO main job (``examples/megatron/main_tiny.py --algo grpo``, real vLLM and
 Megatron on CPU) with the policy (vLLM) on one process and the trainer, reference and
@@ -54,13 +55,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = split_placement_config(tempfile.mkdtemp())
     rows = {}
-    for lag in (int(x) for x in args.lags.split(",")):
+    for variant in args.lags.split(","):
+        lag, streaming = int(variant.rstrip("s")), variant.endswith("s")
         summary = main_tiny.main(["--algo", "grpo", "--policy-lag", str(lag), "--episodes", str(args.episodes),
-                                  "--output-dir", args.output_dir, "--config", config])
-        run = "grpo" if lag == 0 else f"grpo_lag{lag}"
+                                  "--output-dir", args.output_dir, "--config", config,
+                                  "--policy-lag-mode", "streaming" if streaming else "fixed"])
+        run = ("grpo" if lag == 0 else f"grpo_lag{lag}") + ("_streaming" if streaming else "")
         episodes = [m for m in read_metrics(os.path.join(args.output_dir, run, "metrics.jsonl"))
                     if m.get("episode", -1) >= 1]
-        rows[lag] = {
+        rows[f"{lag} (streaming)" if streaming else str(lag)] = {
             "episode_s": statistics.mean(m["time/episode"] for m in episodes),
             "generator_idle": statistics.mean(m.get("async/generator_idle_fraction", float("nan")) for m in episodes),
             "trainer_idle": statistics.mean(m.get("async/trainer_idle_fraction", float("nan")) for m in episodes),
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             "train_s": statistics.mean(m.get("time/policy_trainer.train_step", 0.0) for m in episodes),
             "heldout_accuracy_last3": summary.get("heldout_accuracy_last3"),
         }
-    base = rows[min(rows)]["episode_s"]
+    base = rows[next(iter(rows))]["episode_s"]
     table = ("| policy_lag | s per episode | speed-up | generation s | training s | generator idle | trainer idle "
              "| held-out accuracy (last 3) |\n|---|---|---|---|---|---|---|---|\n") + "\n".join(
         f"| {lag} | {r['episode_s']:.2f} | {base / r['episode_s']:.2f}x | {r['generate_s']:.2f} | {r['train_s']:.2f} "

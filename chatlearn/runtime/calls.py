@@ -122,6 +122,35 @@ class CallTracker:
             self._forget(call)
         return results
 
+    def first_done(self, groups: Sequence[Sequence[ray.ObjectRef]], timeout_s: float | None = None) -> int:
+        """The lowest index of a group of refs (one flow call's outputs) whose calls have all
+        finished, waiting until one has; failures raised as in :meth:`get`. The results stay
+        for a ``get`` of that group."""
+        if not groups:
+            raise ValueError("first_done() of no groups")
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        calls = [[self._status_of.get(ref.binary(), ref) for ref in group] for group in groups]
+        while True:
+            unfinished = [call for group in calls for call in group if call not in self._fetched]
+            done, _ = self._wait(unfinished, 0) if unfinished else ([], [])
+            for ref in done:
+                self._fetched[ref] = self._fetch(ref)
+            for i, group in enumerate(calls):
+                if all(call in self._fetched for call in group):
+                    return i
+            self._raise_other_failures()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                stuck = self._oldest_unfinished()
+                raise WorkerTimeoutError(f"no answer within {timeout_s:g}s (runtime.actor_timeout_s) from "
+                                         + ", ".join(str(label) for label in stuck[:3]))
+            start = time.perf_counter()
+            try:  # until any one call finishes
+                ray.wait([c for c in unfinished if c not in done], num_returns=1, timeout=min(left, POLL_S))
+            finally:
+                self.wait_s += time.perf_counter() - start
+
     def _raise_other_failures(self) -> None:
         """Fetch the outstanding calls that finished since the last look; raise the first failure.
         Their results are kept, so a later get() does not fetch them again."""

@@ -13,7 +13,10 @@
 With ``runtime.policy_lag`` k > 0 (fixed-lag asynchronous training) episode t
 trains on the rollouts of episode t-k's generation, sampled by policy version
 max(t-k, 0): the environment flow runs k episodes ahead, and its generation of
-episode t+k overlaps episode t's training (``_run_lagged_environment``).
+episode t+k overlaps episode t's training (``_run_lagged_environment``). With
+``policy_lag_mode: streaming`` the unit is the generation batch instead, and an
+episode trains on the oldest finished ones, none more than k versions old
+(``chatlearn/runtime/streaming.py``).
 
 Start-up order matters and lives in ``_setup``: config checks first (nothing
 started yet), then Ray and placement, then workers, then resume.
@@ -47,6 +50,7 @@ from chatlearn.runtime.calls import CallTracker
 from chatlearn.runtime.console import Progress, episode_summary, full_summary
 from chatlearn.runtime.dist_model import DistModel, RemoteBatch
 from chatlearn.runtime.flow import BaseFlow, Environment, Evaluator, FlowError, Trainer, _check_datasets
+from chatlearn.runtime.streaming import StreamingRollouts
 from chatlearn.runtime.startup import Cluster, create_models, start_cluster, stop_cluster, worker_env
 from chatlearn.synchronizer.base import ParameterSynchronizer, StateDictSynchronizer
 from chatlearn.data.rollout_dump import rollout_record
@@ -78,6 +82,7 @@ class Rollouts(NamedTuple):
     samples: list[dict]  # after the rollout processor: the training samples
     metrics: dict[str, float]  # the rollout metrics (samples/environment, reward/mean, ...)
     raw: list[dict]  # the environment's output samples, for rollout_dump_dir (else empty)
+    versions: tuple = ()  # policy_lag_mode streaming: each raw sample's policy version
 
 
 class TrainBatch:
@@ -165,6 +170,7 @@ class Engine:
         self._warned_1x_save: set[str] = set()
         # policy_lag > 0: generated episodes not trained on yet, oldest first (saved in checkpoints).
         self._in_flight: collections.deque[Rollouts] = collections.deque()
+        self._streaming = StreamingRollouts(self) if self.runtime.policy_lag_mode == "streaming" else None
 
     # -- user API ----------------------------------------------------------------
     def set_dataset(self, prompts: list) -> "Engine":
@@ -303,6 +309,17 @@ class Engine:
             logger.warning("a relay_sample_fn is set but runtime.max_relay_episode is 0 (relay off): it is not "
                            "called; set max_relay_episode to -1 (all episodes) or N (the last N) to use it")
 
+    def _check_streaming(self) -> None:
+        if self._streaming is None or self.runtime.stream_data_loader_type != "fixed":
+            return
+        size = self._generation_batch_size(self.environment)
+        if self.runtime.sample_per_episode % size:
+            raise ValueError(f"runtime.policy_lag_mode 'streaming' hands whole generation batches to episodes: with "
+                             f"stream_data_loader_type 'fixed', runtime.sample_per_episode "
+                             f"({self.runtime.sample_per_episode}) must be a multiple of the generation batch size "
+                             f"({size}: models.{self.environment.graph[0].model}.generation_batch_size or "
+                             f"runtime.generation_batch_size)")
+
     def _setup(self) -> None:
         # Ordering: placement needs Ray; workers need the placement group; setup()
         # needs torch.distributed; resume needs set-up workers; the first sync
@@ -310,6 +327,7 @@ class Engine:
         began = time.perf_counter()
         self._configure_logging()
         self._check_relay()
+        self._check_streaming()
         self._check_resume_settings()
         self._locate_checkpoint()  # before the workers start: their setup() sees resume_training
         self._start_models()
@@ -448,6 +466,12 @@ class Engine:
             with timer("time/environment"):
                 self._phase(active=self._flow_models(self.environment))
                 rollouts = self._collect(self._launch_environment(episode), stream if streaming else None)
+        elif self._streaming is not None:
+            streaming = False
+            with timer("time/environment"):
+                self._phase(active=self._flow_models(self.environment))
+                rollouts, lag_metrics = self._streaming.take(episode)
+            metrics.update(lag_metrics)
         else:
             streaming = False
             rollouts, generating = self._run_lagged_environment(episode, timer)
@@ -527,24 +551,33 @@ class Engine:
         training samples. With ``stream``, global batches start training as they fill."""
         samples, rollout_metrics, rollout_sizes, raw = [], [], [], []
         for batch, _ in self._collect_flow(launched.outputs):
-            if self.rollout_processor is not None:
-                train_batch, batch_metrics = self.rollout_processor.process(batch, launched.episode)
-                rollout_metrics.append(batch_metrics)
-                rollout_sizes.append(_batch_size(batch))
-            else:
-                train_batch = batch
-            if self.runtime.rollout_dump_dir:
-                raw += split_batch(batch)
-            train_batch = split_batch(train_batch)
+            train_batch, batch_metrics, rows, batch_raw = self._process_batch(batch, launched.episode)
+            rollout_metrics.append(batch_metrics)
+            rollout_sizes.append(rows)
+            raw += batch_raw
             samples += train_batch
             if stream is not None:
                 stream.extend(train_batch)
                 self._train_steps(stream.ready_batches())
-        metrics: dict[str, float] = {"samples/environment": len(samples)}
-        if self.rollout_processor is not None:
-            metrics.update(mean_metrics(rollout_metrics, rollout_sizes))
-            metrics.update(self.rollout_processor.end_episode(dict(metrics)))
+        metrics = self._rollout_metrics(len(samples), rollout_metrics, rollout_sizes)
         return Rollouts(launched.episode, launched.version, samples, metrics, raw)
+
+    def _process_batch(self, batch: dict, episode: int) -> tuple[list[dict], Optional[dict], int, list[dict]]:
+        """One environment output batch -> its training samples (the rollout processor's), the
+        processor's metrics, the batch's rows, and its samples as generated (for the dump)."""
+        train_batch, batch_metrics = batch, None
+        if self.rollout_processor is not None:
+            train_batch, batch_metrics = self.rollout_processor.process(batch, episode)
+        raw = split_batch(batch) if self.runtime.rollout_dump_dir else []
+        return split_batch(train_batch), batch_metrics, _batch_size(batch), raw
+
+    def _rollout_metrics(self, num_samples: int, batch_metrics: list, rows: list[int]) -> dict[str, float]:
+        """An episode's rollout metrics from its batches' (the rollout processor closes the episode)."""
+        metrics: dict[str, float] = {"samples/environment": num_samples}
+        if self.rollout_processor is not None:
+            metrics.update(mean_metrics(batch_metrics, rows))
+            metrics.update(self.rollout_processor.end_episode(dict(metrics)))
+        return metrics
 
     def _run_lagged_environment(self, episode: int, timer: Callable) -> tuple["Rollouts", list["LaunchedFlow"]]:
         """``policy_lag`` k > 0: the rollouts episode ``episode`` trains on (generated k episodes
@@ -591,20 +624,24 @@ class Engine:
         flow returned (a flow returning several merges them into the batch, later wins)."""
         yield from self._collect_flow(self._launch_flow(flow, samples, episode))
 
-    def _launch_flow(self, flow: BaseFlow, samples: list, episode: int) -> collections.deque:
+    def _generation_batch_size(self, flow: BaseFlow) -> int:
+        first = self.config.models[flow.graph[0].model]
+        return first.generation_batch_size if first.generation_batch_size > 0 else self.runtime.generation_batch_size
+
+    def _launch_flow(self, flow: BaseFlow, samples: list, episode: int, first_index: int = 0) -> collections.deque:
         """Submit ``flow`` over every batch of ``samples``; the returned queue holds each batch's
         output refs for ``_collect_flow``.
 
-        Each sample gets a ``request_seed`` from (runtime.seed, flow, episode, its index):
+        Each sample gets a ``request_seed`` from (runtime.seed, flow, episode, its index in the
+        episode's prompts; ``samples`` start at ``first_index``):
         a sampler that seeds each request with it (vLLM's ``request_seeds``) draws the
         same responses whether or not the run was interrupted and resumed.
         """
         kind = 1 if flow is self.evaluator else 0
-        seeds = [derive_seed(self.runtime.seed, kind, episode, i) & _SEED_MASK for i in range(len(samples))]
+        seeds = [derive_seed(self.runtime.seed, kind, episode, first_index + i) & _SEED_MASK
+                 for i in range(len(samples))]
         collate_fn = self._collate_fns.get(flow.kind)
-        first = self.config.models[flow.graph[0].model]
-        batch_size = first.generation_batch_size if first.generation_batch_size > 0 \
-            else self.runtime.generation_batch_size
+        batch_size = self._generation_batch_size(flow)
         outputs: collections.deque = collections.deque()
         for start in range(0, len(samples), batch_size):
             chunk, chunk_seeds = samples[start:start + batch_size], seeds[start:start + batch_size]
@@ -665,8 +702,9 @@ class Engine:
     def _dump_rollouts(self, episode: int, rollouts: "Rollouts") -> None:
         """``<rollout_dump_dir>/episode_<N>.jsonl``: one line per rollout episode ``episode`` trains
         on, with the policy version that sampled it (see docs/data.md)."""
-        lines = [json.dumps(rollout_record(r, i, episode, rollouts.version)) + "\n"
-                 for i, r in enumerate(rollouts.raw)]
+        versions = rollouts.versions or [rollouts.version] * len(rollouts.raw)
+        lines = [json.dumps(rollout_record(r, i, episode, v)) + "\n"
+                 for i, (r, v) in enumerate(zip(rollouts.raw, versions))]
         path = os.path.join(self.runtime.rollout_dump_dir, f"episode_{episode:06d}.jsonl")
         atomic_write_bytes(path, "".join(lines).encode())
 
@@ -771,6 +809,8 @@ class Engine:
                 refs += d.hook("save_checkpoint", path=os.path.join(directory, name), iteration=self.train_iteration)
             self.tracker.get(refs)
 
+        if self._streaming is not None:  # the batches in flight become part of the saved state
+            self._streaming.drain()
         checkpoint.save_checkpoint(self.checkpoint_root, episode, self.runtime.max_data_ckpt_nums,
                                    self._data_state(episode), save_models)
 
@@ -787,6 +827,8 @@ class Engine:
             "train_iteration": self.train_iteration,
             # policy_lag > 0: the generated, untrained episodes; a resumed run trains on them as kept.
             "in_flight": [r._asdict() for r in self._in_flight],
+            # policy_lag_mode streaming: the generated batches not trained on, where generation stands.
+            "streaming": self._streaming.state_dict() if self._streaming is not None else None,
         }
 
     def _load_data_state(self, state: dict[str, Any]) -> None:
@@ -804,6 +846,14 @@ class Engine:
             raise ValueError(f"runtime.policy_lag: the checkpoint holds {len(self._in_flight)} generated, untrained "
                              f"episode(s), more than policy_lag={self.runtime.policy_lag} keeps; resume with the "
                              f"policy_lag the run was started with, or start a new run (new output_dir)")
+        if self._streaming is not None:
+            if state.get("streaming") is None:
+                raise ValueError("runtime.policy_lag_mode streaming: the checkpoint is of a run without it; "
+                                 "resume with the settings the run was started with, or use a new output_dir")
+            self._streaming.load_state_dict(state["streaming"])
+        elif state.get("streaming") is not None:
+            raise ValueError("the checkpoint is of a run with runtime.policy_lag_mode streaming; resume with it, "
+                             "or use a new output_dir")
         if self._in_flight:
             logger.info("resume: kept %d generated, untrained episode(s) from the checkpoint (sampled by policy "
                         "version(s) %s); they are trained on as in the interrupted run, not regenerated",

@@ -61,6 +61,21 @@ class ChatLearnWorkerExtension:
         else:
             raise ValueError(f"weight_loader must be auto, reload_weights or load_weights, got {weight_loader!r}")
 
+    def chatlearn_engine_info(self) -> dict[str, Any]:
+        """What the role reads from ``vllm.LLM``'s model config, for a server it reaches over HTTP
+        (``chatlearn.models.vllm_server``): plain values only."""
+        config = self.model_config
+        generation = config.try_get_generation_config() or {}
+        return {
+            "model": str(config.model),
+            "max_model_len": int(config.max_model_len),
+            "vocab_size": int(config.get_vocab_size()),
+            "tie_word_embeddings": bool(getattr(config.hf_config, "tie_word_embeddings", False)),
+            "logprobs_mode": str(config.logprobs_mode),
+            "generation_config": {k: v for k, v in dict(generation).items()
+                                  if isinstance(v, (int, float, str, bool, list, type(None)))},
+        }
+
     def chatlearn_hf_shapes(self, tie_word_embeddings: bool) -> dict[str, list[int]]:
         shapes = vllm_sync.hf_shapes(self.model_runner.get_model(), tie_word_embeddings)
         return {name: list(shape) for name, shape in shapes.items()}

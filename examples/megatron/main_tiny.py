@@ -6,6 +6,7 @@
     python examples/megatron/main_tiny.py --algo reinforce_pp   # REINFORCE++ (one response per prompt)
     python examples/megatron/main_tiny.py --algo online_dpo
     python examples/megatron/main_tiny.py --algo grpo --policy-lag 1   # asynchronous: generation 1 episode ahead
+    python examples/megatron/main_tiny.py --algo grpo --policy-lag 1 --policy-lag-mode streaming
 
 Steps (each reuses its output when it exists, so a rerun resumes):
   1. build a tiny Llama-style model and a sentencepiece tokenizer locally (random init, no downloads);
@@ -236,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policy-lag", type=int, default=0,
                         help="fixed-lag asynchronous training (runtime.policy_lag): episode t trains on rollouts "
                              "sampled K policy versions earlier, while the next generation runs")
+    parser.add_argument("--policy-lag-mode", choices=("fixed", "streaming"), default="fixed",
+                        help="runtime.policy_lag_mode: streaming hands episodes the oldest finished generation "
+                             "batches, none more than --policy-lag versions old (docs/algorithms.md)")
     parser.add_argument("--verbose", action="store_true",
                         help="every metric on each episode's line and the dependencies' messages unfiltered "
                              "(runtime.debug)")
@@ -250,8 +254,10 @@ def main(argv: list[str] | None = None) -> dict:
         config = os.path.abspath(args.config) if args.config else os.path.join(HERE, "configs", "tiny", config_name)
         # A lagged run gets its own directory: it must not resume from a synchronous run's checkpoints.
         exp_name = args.algo if not args.policy_lag else f"{args.algo}_lag{args.policy_lag}"
+        if args.policy_lag_mode == "streaming":
+            exp_name += "_streaming"
         env = {**knobs, "data_path": paths["rl"], "eval_data_path": paths["heldout"], "output_dir": out,
-               "exp_name": exp_name, "policy_lag": str(args.policy_lag)}
+               "exp_name": exp_name, "policy_lag": str(args.policy_lag), "policy_lag_mode": args.policy_lag_mode}
         if args.episodes is not None:
             env["num_episode"] = str(args.episodes)
         if args.verbose:
