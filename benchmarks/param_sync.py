@@ -579,7 +579,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller generation batch")
     parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), help="default: the device's two shapes")
-    parser.add_argument("--transports", nargs="+", default=None, choices=["shm", "object_store", "cuda_ipc"],
+    parser.add_argument("--transports", nargs="+", default=None,
+                        choices=["shm", "object_store", "cuda_ipc", "collective"],
                         help="default: shm and object_store, plus cuda_ipc on GPU")
     parser.add_argument("--trainer", choices=["auto", "megatron", "hf"], default="auto",
                         help="sync source; auto: megatron, falling back to transformers if megatron fails")

@@ -138,7 +138,8 @@ def make_prompts(model_dir: str, n: int = 8) -> list[dict]:
 
 
 def write_config(tmp_path, model_dir: str, tp: int, pp: int, vllm_tp: int, vllm_replicas: int,
-                 num_episode: int, corrupt_on_sync: int = 0, free_memory: bool = False) -> str:
+                 num_episode: int, corrupt_on_sync: int = 0, free_memory: bool = False,
+                 transport: str = "auto") -> str:
     check_dir = tmp_path / "checks"
     check_dir.mkdir()
     config = {
@@ -160,7 +161,7 @@ def write_config(tmp_path, model_dir: str, tp: int, pp: int, vllm_tp: int, vllm_
         "runtime": {
             "num_episode": num_episode, "sample_per_episode": 8, "generation_batch_size": 8 // vllm_replicas,
             "train_micro_batch_size": 8, "train_global_batch_size": 8, "validate_param_sync": True,
-            "coalesced_buffer_mb": 1, "output_dir": str(tmp_path / "out"), "exp_name": "param_sync",
+            "coalesced_buffer_mb": 1, "param_sync_transport": transport, "output_dir": str(tmp_path / "out"), "exp_name": "param_sync",
             "actor_timeout_s": 400, "seed": 1,
         },
     }
@@ -206,13 +207,13 @@ def assert_rollouts_match_trainer(checks: list[dict], episodes: int) -> None:
         assert c["stale_logprob_max_diff"] > 1e-2, c
 
 
-def assert_bucketed(metrics: dict, replicas: int) -> None:
+def assert_bucketed(metrics: dict, replicas: int, transport: str = "shm") -> None:
     key = "sync/ppo_policy->policy/"
     assert metrics[key + "count"] == 1
     assert metrics[key + "bytes"] > 4e6  # the tiny model: ~4.07 MB of float32
     assert metrics[key + "num_buckets"] >= 4
     assert metrics[key + "max_bucket_bytes"] <= 2**20  # no message holds the whole model
-    assert metrics[key + "transport_shm"] == 1  # one node: /dev/shm
+    assert metrics[key + f"transport_{transport}"] == 1  # auto on one node: /dev/shm
     assert metrics[key + "replicas"] == replicas
 
 
@@ -285,4 +286,21 @@ def test_megatron_tp2_syncs_into_vllm_tp2(ray_session, tmp_path, model_dir):
     assert len(engine.history) == 2
     for metrics in engine.history:
         assert_bucketed(metrics, replicas=1)
+    assert_rollouts_match_trainer(read_checks(config), episodes=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vllm_tp,replicas", [(1, 2), (2, 1)], ids=["two-replicas", "vllm-tp2"])
+def test_collective_transport_broadcasts_into_vllm(ray_session, tmp_path, model_dir, vllm_tp, replicas):
+    """runtime.param_sync_transport: collective: a gloo group of the trainer's writer rank and
+    every vLLM worker (two in-process replicas, or the two worker processes of a TP2 engine)."""
+    config = write_config(tmp_path, model_dir, tp=2, pp=1, vllm_tp=vllm_tp, vllm_replicas=replicas,
+                          num_episode=3, corrupt_on_sync=3, transport="collective")
+    engine = run_engine(config, model_dir)
+    with pytest.raises(ParamSyncError, match=rf"parameter {CORRUPTED.replace('.', '[.]')} differs on replica 0"):
+        engine.learn()
+    assert len(engine.history) == 2
+    for metrics in engine.history:
+        assert_bucketed(metrics, replicas=replicas, transport="collective")
+        assert metrics["sync/ppo_policy->policy/send_s"] > 0
     assert_rollouts_match_trainer(read_checks(config), episodes=3)

@@ -198,6 +198,7 @@ def _env(tiny, out, **knobs) -> dict[str, str]:
 def _train(env) -> str:
     done = subprocess.run([sys.executable, os.path.join(EXAMPLES, "train_rlhf.py"), "-c", CONFIG], env=env,
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
+    os.makedirs(env["output_dir"], exist_ok=True)
     with open(os.path.join(env["output_dir"], "driver.log"), "a") as f:
         f.write(done.stdout + done.stderr)
     assert done.returncode == 0, done.stderr[-5000:]
@@ -306,8 +307,14 @@ def test_a_server_started_separately_serves_two_runs_and_follows_each_sync(tiny)
 @pytest.mark.slow
 def test_a_server_started_by_the_policy_actor_serves_a_run_and_stops_with_it(tiny):
     out = tiny["root"] / "started"
-    _train(_env(tiny, out, num_episode=2, vllm_server="True"))
+    # The weights travel by the collective transport here (a gloo group of the trainer and the
+    # server's worker, joined through the server's /collective_rpc), by /dev/shm in the test above.
+    _train(_env(tiny, out, num_episode=2, vllm_server="True", param_sync_transport="collective"))
     _assert_every_sync_validated(out / "ppo", 2)
+    from chatlearn.utils.metrics import read_metrics
+
+    synced = [r for r in read_metrics(str(out / "ppo" / "metrics.jsonl")) if "reward/mean" in r]
+    assert all(r["sync/ppo_policy->policy/transport_collective"] == 1 for r in synced)
     server_log = (out / "ppo" / "vllm_server_policy_0.log").read_text()  # in the run directory
     assert "Application startup complete" in server_log
     pids = _server_pids(server_log)

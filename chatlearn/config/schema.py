@@ -138,6 +138,10 @@ class RuntimeConfig:
     seed: int = 1234
     # Parameter sync transport bucket size.
     coalesced_buffer_mb: int = 100
+    # How weights travel from a trainer to its inference model: auto (CUDA IPC on a shared GPU,
+    # else /dev/shm on one node, else Ray's object store), shm, object_store, cuda_ipc, or
+    # collective (a broadcast over a gloo/NCCL group made for the pair). docs/vllm.md.
+    param_sync_transport: str = "auto"
     # A remote call that takes longer than this is reported as stuck.
     actor_timeout_s: float = 1800.0
     # Address of an existing Ray cluster; empty starts a local one.

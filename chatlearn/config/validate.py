@@ -131,6 +131,7 @@ _RULES: dict[type, dict[str, list[Rule]]] = {
         "exp_name": [_non_empty],
         "seed": [_within(0, 2**32 - 1)],
         "coalesced_buffer_mb": [_at_least(1)],
+        "param_sync_transport": [_one_of("auto", "shm", "object_store", "cuda_ipc", "collective")],
         "actor_timeout_s": [_greater_than(0)],
         "max_data_ckpt_nums": [_at_least(0)],
         "load_data_checkpoint_iteration": [_at_least(1)],

@@ -921,7 +921,7 @@ class VLLMModule(BaseModule):
         shapes = buckets.manifest_shapes(manifest)
         vllm_sync.check_incoming_weights(shapes, self._hf_shapes(shapes), self.name)
         spill_s = 0.0
-        if manifest["transport"] != buckets.SHM and not self._in_process():
+        if manifest["transport"] not in (buckets.SHM, buckets.COLLECTIVE) and not self._in_process():
             # vLLM's worker processes are no Ray workers: they read files only.
             manifest, spill_s = buckets.timed(buckets.spill_to_shm, manifest, f"{self.name}-spill")
         if self._served():  # another client may be generating: let its requests finish first
@@ -937,6 +937,17 @@ class VLLMModule(BaseModule):
         self.timings["weight_update_s"] = total
         return {"bytes": float(buckets.manifest_nbytes(manifest)), "load_s": max(r["load_s"] for r in loaded),
                 "reset_s": reset_s, "spill_s": spill_s, "update_s": total}
+
+    def weight_group_members(self) -> int:
+        """Processes that receive a collective sync: vLLM's worker processes (or this actor)."""
+        if self._served():
+            return int(self.llm.engine_info["tensor_parallel_size"])
+        return 1 if self._in_process() else self.tensor_parallel_size
+
+    def join_weight_group(self, channel: str, host: str, port: int, rank_offset: int, world_size: int,
+                          secret: str) -> None:
+        """Each vLLM worker joins the pair's collective group (``chatlearn.synchronizer.collective``)."""
+        self.llm.collective_rpc("chatlearn_join_group", args=(channel, host, port, rank_offset, world_size, secret))
 
     def named_parameters_for_sync(self, device: str = "cpu") -> dict[str, torch.Tensor]:
         """The engine's current weights, un-fused to HF names (see vllm_sync), on the host; TP 1 only."""

@@ -264,7 +264,7 @@ class VLLMServerClient:
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="vllm-http")
-        info = self.collective_rpc("chatlearn_engine_info")[0]
+        info = self.engine_info = self.collective_rpc("chatlearn_engine_info")[0]
         self.llm_engine = _Engine(ServedModelConfig(
             model=info["model"], max_model_len=info["max_model_len"], vocab_size=info["vocab_size"],
             logprobs_mode=info["logprobs_mode"], hf_config=_HFConfig(info["tie_word_embeddings"]),

@@ -27,6 +27,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import torch
+
 from chatlearn.synchronizer import buckets
 from chatlearn.synchronizer import checksums as records
 
@@ -209,19 +211,22 @@ class StateDictSynchronizer(ParameterSynchronizer):
     ``chatlearn.synchronizer.buckets``) and every rank of every inference
     replica loads them concurrently. Transport: ``"shm"`` (/dev/shm files on
     the trainer's node), ``"object_store"`` (Ray), ``"cuda_ipc"`` (GPU buffers
-    of a trainer rank on the receiver's own GPU), or ``"auto"``: cuda_ipc when
-    every receiver shares a GPU with a trainer rank, else shm when the writer
-    and all receivers share a node, else the object store.
+    of a trainer rank on the receiver's own GPU), ``"collective"`` (a
+    broadcast over a process group of the writer and every receiving process,
+    made for the pair at the first sync: gloo on CPU, NCCL on GPU), or
+    ``"auto"``: cuda_ipc when every receiver shares a GPU with a trainer rank,
+    else shm when the writer and all receivers share a node, else the object
+    store. None (the default): ``runtime.param_sync_transport``.
     """
 
-    def __init__(self, bucket_mb: Optional[float] = None, transport: str = "auto", probe: bool = True,
+    def __init__(self, bucket_mb: Optional[float] = None, transport: Optional[str] = None, probe: bool = True,
                  probe_atol_fp32: float = FP32_PROBE_ATOL, probe_atol_bf16: float = BF16_PROBE_ATOL,
                  in_transit: Optional[Callable[[dict], dict]] = None):
         """``probe*``: see :class:`ParameterSynchronizer`. ``in_transit``: fault injection
         for tests, a picklable function that the trainer's writer ranks apply to the
         exported state dict before writing it (what vLLM then loads; the trainer's own
         checksums still describe its real weights)."""
-        if transport not in buckets.TRANSPORTS + ("auto",):
+        if transport is not None and transport not in buckets.TRANSPORTS + ("auto",):
             raise ValueError(f"unknown weight-sync transport {transport!r}; "
                              f"expected one of {buckets.TRANSPORTS} or 'auto'")
         if bucket_mb is not None and bucket_mb <= 0:
@@ -235,6 +240,7 @@ class StateDictSynchronizer(ParameterSynchronizer):
         self.probe_atol_bf16 = float(probe_atol_bf16)
         self.in_transit = in_transit
         self._resolved: dict[tuple[str, str], tuple[str, list[int]]] = {}
+        self._joined: set[tuple[str, str]] = set()  # pairs whose collective group exists
 
     def bucket_bytes(self) -> int:
         mb = self.bucket_mb
@@ -244,6 +250,13 @@ class StateDictSynchronizer(ParameterSynchronizer):
             mb = get_args().runtime.coalesced_buffer_mb
         return max(1, int(float(mb) * 2**20))
 
+    def _transport(self) -> str:
+        if self.transport is not None:
+            return self.transport
+        from chatlearn.config.globals import get_args
+
+        return get_args().runtime.param_sync_transport
+
     def _plan(self, src: "DistModel", dst: "DistModel") -> tuple[str, list[int]]:
         """The transport, and for each receiver (``dst.workers`` order) the index in
         ``src.workers`` of the trainer rank whose buckets it reads."""
@@ -251,8 +264,9 @@ class StateDictSynchronizer(ParameterSynchronizer):
         if key in self._resolved:
             return self._resolved[key]
         output_rank = next(i for i, w in enumerate(src.workers) if w.is_output_rank)
-        transport, sources = self.transport, [output_rank] * len(dst.workers)
-        if self.transport in ("auto", buckets.CUDA_IPC):
+        wanted = self._transport()
+        transport, sources = wanted, [output_rank] * len(dst.workers)
+        if wanted in ("auto", buckets.CUDA_IPC):
             workers = [*src.workers, *dst.workers]
             found = src.tracker.get([w.actor.node_ip.remote() for w in workers] +
                                     [src.run_on_worker(w, "gpu_uuid", _gpu_uuid) for w in workers])
@@ -263,7 +277,7 @@ class StateDictSynchronizer(ParameterSynchronizer):
             shared = all(g and g in src_gpus for g in dst_gpus) and len(set(hosts)) == 1
             if shared:
                 transport, sources = buckets.CUDA_IPC, [src_gpus.index(g) for g in dst_gpus]
-            elif self.transport == buckets.CUDA_IPC:
+            elif wanted == buckets.CUDA_IPC:
                 raise ValueError(f"param sync {src.name} -> {dst.name}: transport cuda_ipc needs every "
                                  f"receiver on a GPU that a trainer rank uses (trainer GPUs {src_gpus}, "
                                  f"receiver GPUs {dst_gpus})")
@@ -278,14 +292,19 @@ class StateDictSynchronizer(ParameterSynchronizer):
         transport, sources = self._plan(src, dst)
         writers = set(sources)
         channel = f"{src.name}-to-{dst.name}"
+        if transport == buckets.COLLECTIVE and (src.name, dst.name) not in self._joined:
+            self._join_group(src, dst, channel, sources[0])
         refs = [src.run_on_worker(w, "param_sync_export", _export, self.bucket_bytes(), transport, channel,
                                   i in writers, self.in_transit) for i, w in enumerate(src.workers)]
         exported = src.tracker.get(refs)
         manifest, export_stats = exported[sources[0]]
         exported_at = time.perf_counter()
-        # All replicas (and all ranks of each) at once.
-        loads = dst.tracker.get([dst.run_on_worker(w, "param_sync_load", _load, exported[sources[i]][0])
-                                 for i, w in enumerate(dst.workers)])
+        # All replicas (and all ranks of each) at once; a collective sync's writer sends meanwhile.
+        sends = [src.run_on_worker(src.workers[sources[0]], "param_sync_send", _send, channel)] \
+            if transport == buckets.COLLECTIVE else []
+        done = dst.tracker.get(sends + [dst.run_on_worker(w, "param_sync_load", _load, exported[sources[i]][0])
+                                        for i, w in enumerate(dst.workers)])
+        loads = done[len(sends):]
         if transport == buckets.CUDA_IPC:
             src.tracker.get([src.run_on_worker(src.workers[i], "param_sync_release", _release, channel)
                              for i in writers])
@@ -300,12 +319,15 @@ class StateDictSynchronizer(ParameterSynchronizer):
             "max_bucket_bytes": float(max(sizes, default=0)),
             "transport_shm": float(manifest["transport"] == buckets.SHM),
             "transport_cuda_ipc": float(manifest["transport"] == buckets.CUDA_IPC),
+            "transport_collective": float(manifest["transport"] == buckets.COLLECTIVE),
             "export_s": export_stats["export_s"],
             "write_s": export_stats["write_s"],
             "export_total_s": exported_at - start,
             "load_total_s": end - exported_at,
             "replicas": float(dst.num_replicas),
         }
+        if sends:
+            stats["send_s"] = done[0]["send_s"]
         for key in ("load_s", "reset_s", "spill_s", "update_s"):
             values = [r[key] for r in loads if r and key in r]
             if values:
@@ -313,10 +335,61 @@ class StateDictSynchronizer(ParameterSynchronizer):
         return stats
 
 
+    def _join_group(self, src: "DistModel", dst: "DistModel", channel: str, writer: int) -> None:
+        """Form the pair's group: the writer (rank 0, hosting the rendezvous) and every receiving
+        process (a vLLM replica contributes one per worker process), all joining at once."""
+        import secrets
+
+        start = time.perf_counter()
+        secret = secrets.token_hex(16)
+        host, port = src.tracker.get([src.run_on_worker(src.workers[writer], "sync_address", _address)])[0]
+        sizes = dst.tracker.get([dst.run_on_worker(w, "sync_group_members", _group_members) for w in dst.workers])
+        world = 1 + sum(sizes)
+        refs = [src.run_on_worker(src.workers[writer], "sync_join", _join, channel, host, port, 0, world, secret)]
+        offset = 1
+        for w, size in zip(dst.workers, sizes):
+            refs.append(dst.run_on_worker(w, "sync_join", _join, channel, host, port, offset, world, secret))
+            offset += size
+        src.tracker.get(refs)
+        self._joined.add((src.name, dst.name))
+        logger.info("param sync %s -> %s: collective group of %d processes (rendezvous %s:%d) formed in %.1f s",
+                    src.name, dst.name, world, host, port, time.perf_counter() - start)
+
+
+def _address(module) -> tuple[str, int]:
+    import ray
+
+    from chatlearn.synchronizer import collective
+
+    return ray.util.get_node_ip_address(), collective.free_port()
+
+
+def _group_members(module) -> int:
+    """How many processes of this receiver take part in a collective sync (vLLM: its workers)."""
+    members = getattr(module, "weight_group_members", None)
+    return int(members()) if members is not None else 1
+
+
+def _join(module, channel: str, host: str, port: int, rank: int, world: int, secret: str) -> None:
+    join = getattr(module, "join_weight_group", None)
+    if join is not None and rank > 0:
+        join(channel, host, port, rank, world, secret)
+    else:
+        from chatlearn.synchronizer import collective
+
+        collective.join(channel, host, port, rank, world, secret)
+
+
+def _send(module, channel: str) -> dict[str, float]:
+    from chatlearn.synchronizer import collective
+
+    return collective.send(channel)
+
+
 def _export(module, bucket_bytes: int, transport: str, channel: str, is_writer: bool,
             in_transit: Optional[Callable[[dict], dict]] = None):
     """Trainer side (in each trainer rank): export, and on the writer ranks write buckets."""
-    if transport == buckets.CUDA_IPC:
+    if transport == buckets.CUDA_IPC or (transport == buckets.COLLECTIVE and torch.cuda.is_available()):
         state, export_s = buckets.timed(module.named_parameters_for_sync, device="cuda")
     else:
         state, export_s = buckets.timed(module.named_parameters_for_sync)

@@ -25,6 +25,13 @@ Two transports:
     reads). Works across nodes; on one node about as fast as ``shm`` once
     warm (docs/vllm.md), but unreachable from vLLM's worker processes.
 
+``collective``
+    A process group of the writer and every receiving process, made for the
+    pair (gloo on CPU, NCCL on GPU): the writer broadcasts bucket after
+    bucket, each receiver loads a bucket once it has arrived
+    (``chatlearn.synchronizer.collective``). Reaches receivers on other
+    devices and other nodes.
+
 ``cuda_ipc``
     GPU runs where a trainer rank and the receiver share a GPU: each bucket
     is one GPU buffer of the trainer rank, passed as a CUDA IPC handle
@@ -57,7 +64,8 @@ import torch
 SHM = "shm"
 OBJECT_STORE = "object_store"
 CUDA_IPC = "cuda_ipc"
-TRANSPORTS = (SHM, OBJECT_STORE, CUDA_IPC)
+COLLECTIVE = "collective"
+TRANSPORTS = (SHM, OBJECT_STORE, CUDA_IPC, COLLECTIVE)
 
 SHM_ROOT = "/dev/shm"
 # Offsets inside a bucket are aligned so that a view of any dtype is aligned.
@@ -135,7 +143,7 @@ def manifest_nbytes(manifest: Mapping[str, Any]) -> int:
     return sum(e[_NBYTES] for b in manifest["buckets"] for e in b["tensors"])
 
 
-def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as a 1-D uint8 view (a copy only if it is not contiguous)."""
     t = tensor.detach()
     if t.device.type != "cpu":
@@ -281,7 +289,7 @@ class ShmBucketPool:
                 path, buf = self._mapping(index, bucket["nbytes"])
                 for entry in bucket["tensors"]:
                     tensor = state[entry[_NAME]]
-                    buf[entry[_OFFSET]:entry[_OFFSET] + entry[_NBYTES]].copy_(_flat_bytes(tensor))
+                    buf[entry[_OFFSET]:entry[_OFFSET] + entry[_NBYTES]].copy_(flat_bytes(tensor))
                 bucket["path"] = path
             for path, _, _ in self._maps[len(buckets):]:
                 if os.path.exists(path):
@@ -336,7 +344,7 @@ def put_object_store(state: Mapping[str, torch.Tensor], bucket_bytes: int) -> di
 
     buckets = plan_buckets(state, bucket_bytes)
     for bucket in buckets:
-        arrays = [_flat_bytes(state[e[_NAME]]).numpy() for e in bucket["tensors"]]
+        arrays = [flat_bytes(state[e[_NAME]]).numpy() for e in bucket["tensors"]]
         bucket["ref"] = ray.put(arrays)
     return {"transport": OBJECT_STORE, "buckets": buckets}
 
@@ -393,6 +401,12 @@ def write_buckets(state: Mapping[str, torch.Tensor], bucket_bytes: int, transpor
         raise ValueError(f"unknown weight-sync transport {transport!r}; expected one of {TRANSPORTS} or 'auto'")
     if transport == OBJECT_STORE:
         return put_object_store(state, bucket_bytes)
+    if transport == COLLECTIVE:
+        from chatlearn.synchronizer import collective
+
+        plan = plan_buckets(state, bucket_bytes)
+        collective.stage(channel, state, plan)  # sent by collective.send, once the receivers listen
+        return {"transport": COLLECTIVE, "channel": channel, "buckets": plan}
     if transport == CUDA_IPC:
         # Hand the dict over (put_cuda_ipc empties it as it packs): one model in GPU memory, not two.
         return put_cuda_ipc(state if isinstance(state, dict) else dict(state), bucket_bytes, channel)
@@ -469,6 +483,13 @@ def iter_manifest(manifest: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tens
     if transport == CUDA_IPC and manifest["gpu"] != gpu_uuid():
         raise RuntimeError(f"cuda_ipc weight sync: the buckets live on GPU {manifest['gpu']}, this process "
                            f"runs on {gpu_uuid() or 'no GPU'}")
+    if transport == COLLECTIVE:
+        from chatlearn.synchronizer import collective
+
+        for bucket, buffer in collective.receive(manifest["channel"], manifest["buckets"]):
+            for entry in bucket["tensors"]:
+                yield entry[_NAME], _view(buffer, entry)
+        return
     for bucket in manifest["buckets"]:
         buffer = _bucket_buffer(bucket, transport)
         for i, entry in enumerate(bucket["tensors"]):

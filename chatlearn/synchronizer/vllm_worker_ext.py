@@ -61,6 +61,16 @@ class ChatLearnWorkerExtension:
         else:
             raise ValueError(f"weight_loader must be auto, reload_weights or load_weights, got {weight_loader!r}")
 
+    def chatlearn_join_group(self, channel: str, host: str, port: int, rank_offset: int, world_size: int,
+                             secret: str) -> None:
+        """Join a collective weight-sync group (``chatlearn.synchronizer.collective``) as rank
+        ``rank_offset`` + this worker's tensor-parallel rank."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        from chatlearn.synchronizer import collective
+
+        collective.join(channel, host, port, rank_offset + get_tensor_model_parallel_rank(), world_size, secret)
+
     def chatlearn_engine_info(self) -> dict[str, Any]:
         """What the role reads from ``vllm.LLM``'s model config, for a server it reaches over HTTP
         (``chatlearn.models.vllm_server``): plain values only."""
@@ -72,6 +82,7 @@ class ChatLearnWorkerExtension:
             "vocab_size": int(config.get_vocab_size()),
             "tie_word_embeddings": bool(getattr(config.hf_config, "tie_word_embeddings", False)),
             "logprobs_mode": str(config.logprobs_mode),
+            "tensor_parallel_size": int(self.parallel_config.tensor_parallel_size),
             "generation_config": {k: v for k, v in dict(generation).items()
                                   if isinstance(v, (int, float, str, bool, list, type(None)))},
         }
