@@ -1,4 +1,4 @@
-"""One PPO episode on each checkpoint shape of test_hf_architectures.py, on the real stack.
+"""One PPO episode on checkpoint shapes of test_hf_architectures.py, on the real stack.
 
 Six roles (vLLM policy, Megatron reference, reward, value and the two
 trainers), the shapes at a reduced hidden size and the tiny tokenizer's
@@ -33,7 +33,14 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SHAPES))
+# Three of the five shapes, for CI time: TP2 training on the Llama 3.1 shape (llama3 RoPE
+# scaling), LoRA on the tied Qwen3 one (qk-norm), and Qwen2.5's biases. The other two
+# (Llama 3.2's tied llama3 scaling, Qwen3-8B untied) are features these cover; their
+# conversion, sync and generation run in test_hf_architectures.py.
+PPO_SHAPES = ["llama-3.1-8b", "qwen3-0.6b", "qwen2.5-7b"]
+
+
+@pytest.mark.parametrize("name", PPO_SHAPES)
 def test_one_ppo_episode_per_shape(name, ray_session, monkeypatch, data):
     from transformers import AutoModelForCausalLM
     from train_rlhf import main

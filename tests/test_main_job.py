@@ -19,8 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce_pp", "online_dpo"])
 def test_main_job_improves_heldout_reward_and_accuracy(main_job_dir, algo):
     out = main_job_dir
-    run = subprocess.run([sys.executable, "examples/megatron/main_tiny.py", "--algo", algo, "--output-dir", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1700)
+    # The README's commands (PPO, GRPO) as they are; the other presets for 80 of their 150
+    # episodes, for CI time (each had gained 0.2-0.35 in held-out accuracy by then).
+    episodes = [] if algo in ("ppo", "grpo") else ["--episodes", "80"]
+    run = subprocess.run([sys.executable, "examples/megatron/main_tiny.py", "--algo", algo, "--output-dir", str(out),
+                          *episodes], cwd=ROOT, capture_output=True, text=True, timeout=1700)
     assert run.returncode == 0, run.stderr[-4000:]
     summary = json.loads((out / algo / "summary.json").read_text())
     print(json.dumps(summary, indent=2))

@@ -247,8 +247,7 @@ def test_megatron_tp2pp2_syncs_into_two_vllm_replicas(ray_session, tmp_path, mod
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,tied", [(1, 1, False), (2, 1, False), (2, 2, True)],
-                         ids=["tp1", "tp2", "tp2pp2-tied"])
+@pytest.mark.parametrize("tp,pp,tied", [(2, 1, False), (2, 2, True)], ids=["tp2", "tp2pp2-tied"])
 def test_megatron_layouts_sync_into_two_vllm_replicas(ray_session, tmp_path, request, tp, pp, tied):
     model_dir = request.getfixturevalue("tied_model_dir" if tied else "model_dir")
     config = write_config(tmp_path, model_dir, tp=tp, pp=pp, vllm_tp=1, vllm_replicas=2, num_episode=3)
@@ -290,11 +289,12 @@ def test_megatron_tp2_syncs_into_vllm_tp2(ray_session, tmp_path, model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vllm_tp,replicas", [(1, 2), (2, 1)], ids=["two-replicas", "vllm-tp2"])
-def test_collective_transport_broadcasts_into_vllm(ray_session, tmp_path, model_dir, vllm_tp, replicas):
+def test_collective_transport_broadcasts_into_vllm_tp2(ray_session, tmp_path, model_dir):
     """runtime.param_sync_transport: collective: a gloo group of the trainer's writer rank and
-    every vLLM worker (two in-process replicas, or the two worker processes of a TP2 engine)."""
-    config = write_config(tmp_path, model_dir, tp=2, pp=1, vllm_tp=vllm_tp, vllm_replicas=replicas,
+    the two worker processes of a vLLM TP2 engine (tests/test_vllm_server.py runs it into a
+    server's worker and plain actors; test_param_sync_collective.py into two receivers)."""
+    replicas = 1
+    config = write_config(tmp_path, model_dir, tp=2, pp=1, vllm_tp=2, vllm_replicas=replicas,
                           num_episode=3, corrupt_on_sync=3, transport="collective")
     engine = run_engine(config, model_dir)
     with pytest.raises(ParamSyncError, match=rf"parameter {CORRUPTED.replace('.', '[.]')} differs on replica 0"):
