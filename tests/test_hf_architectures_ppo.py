@@ -32,7 +32,6 @@ def data(tmp_path_factory):
     return {"root": root, "data_path": write_jsonl(str(root / "train.jsonl"), examples)}
 
 
-@pytest.mark.slow
 # Three of the five shapes, for CI time: TP2 training on the Llama 3.1 shape (llama3 RoPE
 # scaling), LoRA on the tied Qwen3 one (qk-norm), and Qwen2.5's biases. The other two
 # (Llama 3.2's tied llama3 scaling, Qwen3-8B untied) are features these cover; their
@@ -40,6 +39,7 @@ def data(tmp_path_factory):
 PPO_SHAPES = ["llama-3.1-8b", "qwen3-0.6b", "qwen2.5-7b"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PPO_SHAPES)
 def test_one_ppo_episode_per_shape(name, ray_session, monkeypatch, data):
     from transformers import AutoModelForCausalLM
