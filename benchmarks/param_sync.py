@@ -244,7 +244,8 @@ class Runtime:
         self.tracker.get([r for d in self.dist.values() for r in d.init_distributed(300)], 300)
         for name in ("trainer", "policy"):  # the trainer first: on a shared GPU vLLM sizes its cache last
             start = time.perf_counter()
-            self.dist[name].setup(900)
+            d = self.dist[name]
+            d.finish_setup(self.tracker.get(d.start_setup(), 900))
             print(f"  {name} set up in {time.perf_counter() - start:.1f} s", flush=True)
 
     def stop(self) -> None:
