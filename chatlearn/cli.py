@@ -59,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
     from chatlearn.config.placement import probe_gpu
     from chatlearn.models.server_auth import SERVER_TOKEN_ENV
     from chatlearn.models.vllm_server import (ServerProcess, is_loopback, server_command, server_env,
-                                              wait_until_healthy, START_TIMEOUT_S)
+                                              server_url, wait_until_healthy, START_TIMEOUT_S)
 
     def fail(message: str) -> int:
         print(f"chatlearn serve: {message}", file=sys.stderr)
@@ -95,8 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
                                seed=int(cfg.runtime.seed), name=args.model, log_warnings=True)
     except ValueError as e:
         return fail(f"model {args.model!r} of {args.config}: {e}")
-    host_in_url = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{host_in_url}:{args.port}"
+    url = server_url(args.host, args.port)
     process = ServerProcess(server_command(kwargs, args.host, args.port), server_env(token), log_path=None)
     try:
         wait_until_healthy(url, START_TIMEOUT_S, process)

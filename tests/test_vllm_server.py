@@ -21,6 +21,7 @@ from chatlearn.models import server_auth
 from chatlearn.models.server_auth import SERVER_TOKEN_ENV, TokenMiddleware
 from chatlearn.models.vllm_module import engine_kwargs, sampling_kwargs
 from chatlearn.models.vllm_server import completion_request, free_port, is_loopback, server_command
+from test_resume import tiny  # noqa: F401 (a fixture: the tiny PPO run's policy, reward model and prompts)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "megatron")
@@ -168,23 +169,6 @@ def test_serve_refuses_a_public_host_without_a_token_before_starting_anything(tm
 
 
 # ---------------------------------------------------------------- real servers (slow)
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from arithmetic import make_arithmetic_examples  # examples/megatron (tests/conftest.py)
-
-    from chatlearn.data.prompts import write_jsonl
-    from chatlearn.models.megatron.hf_convert import make_score_checkpoint
-    from chatlearn.utils.tiny_assets import ensure_tiny_assets
-
-    root = tmp_path_factory.mktemp("served")
-    assets_root = os.environ.get("CHATLEARN_TEST_ASSETS") or str(root / "assets")
-    policy = str(ensure_tiny_assets(assets_root, seed=0, arch="llama").model_dir)
-    examples = make_arithmetic_examples(40, seed=0, max_operand=9)
-    return {"policy_load": policy, "reward_load": make_score_checkpoint(policy, str(root / "reward"), seed=1),
-            "data_path": write_jsonl(str(root / "train.jsonl"), examples[:32]),
-            "eval_data_path": write_jsonl(str(root / "eval.jsonl"), examples[32:]), "root": root}
-
-
 def _env(tiny, out, **knobs) -> dict[str, str]:
     env = {**os.environ, "policy_load": tiny["policy_load"], "reward_load": tiny["reward_load"],
            "data_path": tiny["data_path"], "eval_data_path": tiny["eval_data_path"], "output_dir": str(out),

@@ -596,8 +596,9 @@ class VLLMModule(BaseModule):
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
 
         start = time.perf_counter()
-        if self._server_settings():
-            self._start_or_connect_server(on_gpu, tp)
+        server = self._server_settings()
+        if server is not None:
+            self._start_or_connect_server(*server, on_gpu=on_gpu, tp=tp)
             return
         from vllm import LLM, envs
 
@@ -636,13 +637,12 @@ class VLLMModule(BaseModule):
             return "url", str(url)
         return ("start", None) if self._flag("vllm_server", False) else None
 
-    def _start_or_connect_server(self, on_gpu: bool, tp: int) -> None:
+    def _start_or_connect_server(self, mode: str, url: Optional[str], on_gpu: bool, tp: int) -> None:
         """The engine as a vLLM server process (``chatlearn.models.vllm_server``): started here,
-        on this actor's devices, or already running at ``vllm_server_url``."""
+        on this actor's devices (``mode`` "start"), or already running at ``url`` ("url")."""
         from chatlearn.models.server_auth import SERVER_TOKEN_ENV
         from chatlearn.models.vllm_server import DEFAULT_HOST, VLLMServerClient
 
-        mode, url = self._server_settings()
         replica = self.worker.replica_id if self.worker is not None else 0
         start = time.perf_counter()
         token = os.environ.get(SERVER_TOKEN_ENV, "")

@@ -78,6 +78,11 @@ def url_host(url: str) -> str:
     return urlparse(url).hostname or ""
 
 
+def server_url(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 address in brackets."""
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
 def free_port(host: str = DEFAULT_HOST) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -282,7 +287,7 @@ class VLLMServerClient:
         token = token or secrets.token_urlsafe(32)
         port = port or free_port(host)
         process = ServerProcess(server_command(engine_kwargs, host, port), server_env(token), log_path)
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        url = server_url(host, port)
         try:
             wait_until_healthy(url, timeout_s, process)
             return cls(url, token, str(engine_kwargs.get("tokenizer") or engine_kwargs["model"]), process=process)

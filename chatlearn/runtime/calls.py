@@ -105,12 +105,7 @@ class CallTracker:
                 break
             self._raise_other_failures()
             if time.monotonic() >= deadline:
-                stuck = self._oldest_unfinished()
-                raise WorkerTimeoutError(
-                    f"no answer within {timeout_s:g}s (runtime.actor_timeout_s) from "
-                    + ", ".join(str(label) for label in stuck[:3])
-                    + (f" and {len(stuck) - 3} more calls" if len(stuck) > 3 else "")
-                )
+                raise self._timeout_error(timeout_s)
         # Every call succeeded: now fetch the data asked for (a data ref of a finished call
         # is ready, unless it must first come over from another node).
         data: dict[ray.ObjectRef, Any] = {}
@@ -142,14 +137,8 @@ class CallTracker:
             self._raise_other_failures()
             left = deadline - time.monotonic()
             if left <= 0:
-                stuck = self._oldest_unfinished()
-                raise WorkerTimeoutError(f"no answer within {timeout_s:g}s (runtime.actor_timeout_s) from "
-                                         + ", ".join(str(label) for label in stuck[:3]))
-            start = time.perf_counter()
-            try:  # until any one call finishes
-                ray.wait([c for c in unfinished if c not in done], num_returns=1, timeout=min(left, POLL_S))
-            finally:
-                self.wait_s += time.perf_counter() - start
+                raise self._timeout_error(timeout_s)
+            self._wait([c for c in unfinished if c not in done], min(left, POLL_S), num_returns=1)
 
     def _raise_other_failures(self) -> None:
         """Fetch the outstanding calls that finished since the last look; raise the first failure.
@@ -177,10 +166,18 @@ class CallTracker:
         labels = [self._pending[r] for r in pending if r in not_ready]
         return list(dict.fromkeys(labels))
 
-    def _wait(self, refs: list[ray.ObjectRef], timeout_s: float) -> tuple[list, list]:
+    def _timeout_error(self, timeout_s: float) -> WorkerTimeoutError:
+        stuck = self._oldest_unfinished()
+        return WorkerTimeoutError(f"no answer within {timeout_s:g}s (runtime.actor_timeout_s) from "
+                                  + ", ".join(str(label) for label in stuck[:3])
+                                  + (f" and {len(stuck) - 3} more calls" if len(stuck) > 3 else ""))
+
+    def _wait(self, refs: list[ray.ObjectRef], timeout_s: float,
+              num_returns: int | None = None) -> tuple[list, list]:
+        """``ray.wait`` for all of ``refs`` (or the first ``num_returns``), counted in ``wait_s``."""
         start = time.perf_counter()
         try:
-            return ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            return ray.wait(refs, num_returns=num_returns or len(refs), timeout=timeout_s)
         finally:
             self.wait_s += time.perf_counter() - start
 
