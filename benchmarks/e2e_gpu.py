@@ -4,6 +4,10 @@
     python benchmarks/e2e_gpu.py --model qwen2-0.5b --new-tokens 256
     python benchmarks/e2e_gpu.py --model qwen2-1.5b --new-tokens 1024
     python benchmarks/e2e_gpu.py --device cpu --quick                      # tiny model, to try it out
+    # two GPUs, responses of varying length (64 stop ids): every role on both GPUs, synchronous ...
+    python benchmarks/e2e_gpu.py --gpus 2 --layout colocated --new-tokens 512 --stop-ids 64 --steps 6 --lr 1e-5
+    # ... against vLLM on one GPU and the trainer on the other, one episode apart (NCCL weight sync)
+    python benchmarks/e2e_gpu.py --gpus 2 --layout split --policy-lag 1 --new-tokens 512 --stop-ids 64 --steps 6 --lr 1e-5
 
 One real run of ``examples/megatron/train_grpo.py`` (a subprocess, as a user runs it)
 on a random-init Qwen2 shape with a word-level tokenizer covering the whole vocabulary
@@ -18,6 +22,14 @@ forward-only passes in micro-batches of ``--forward-micro-batch``) and the weigh
 into vLLM. These match ``benchmarks/trl_grpo.py``, TRL's GRPOTrainer on the same work.
 Policy (vLLM), reference, reward and trainer share the GPU with ``free_memory``: the
 trainer waits in host memory while vLLM samples and vLLM sleeps while it trains.
+
+With ``--gpus N``: ``--layout colocated`` puts every role on all N GPUs (N vLLM replicas,
+the trainer data-parallel over N, ``free_memory``); ``--layout split`` gives vLLM one GPU of
+its own and the other roles the other N-1 (no ``free_memory``; the weights travel by NCCL),
+usually with ``--policy-lag 1`` so that generation and training overlap. ``--stop-ids K``
+makes K random token ids end a response, so lengths vary (about ``vocab/K`` tokens on
+average, at most ``--new-tokens``) as they do in real RL; the tables then count the tokens
+actually generated.
 
 Per step it reports the wall time split into generation, reference and old log-probs,
 reward, training, sync and the rest (driver, offload/onload, idle); generated tokens/s;
@@ -41,7 +53,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -74,32 +86,45 @@ def write_run_files(work: Path, model_dir: str, args: argparse.Namespace, vocab:
     policy = dict(common, load=model_dir, n=args.n, temperature=1.0, top_p=1.0, top_k=-1, ignore_eos=True,
                   new_token_limit=True, max_new_tokens=args.new_tokens,
                   max_model_len=args.prompt_len + args.new_tokens + 16, max_num_seqs=args.prompts * args.n)
+    if args.enforce_eager:
+        policy["enforce_eager"] = True
+    if args.stop_ids:
+        policy["stop_token_ids"] = sorted(random.Random(1).sample(range(4, vocab), args.stop_ids))
     if gpu:
         # The stripped vLLM wheel of the lent machines has no FlashAttention (PLATFORM.md).
         policy.update(gpu_memory_utilization=args.gpu_memory_utilization, attention_backend="TRITON_ATTN")
     megatron = dict(common, load=model_dir, forward_micro_batch_size=args.forward_micro_batch)
     # token-mean: every response token of the global batch weighs the same (TRL's default "dapo" loss).
-    trainer = dict(megatron, optimizer="adam", lr=LR, clip_grad=1.0, kl_coef=KL_COEF, clip_eps=0.2,
+    trainer = dict(megatron, optimizer="adam", lr=args.lr, clip_grad=1.0, kl_coef=KL_COEF, clip_eps=0.2,
                    loss_agg_mode="token-mean", recompute_old_logprobs=args.recompute_old_logprobs)
     if args.recompute:
         trainer.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     reward = dict(common, reward_fn="benchmarks.e2e_gpu:even_words_reward", fn_weight=1.0, model_weight=0.0)
-    device = {"num_gpu": 1} if gpu else {"num_cpu": 1}
+    split = args.layout == "split"
+    key = "num_gpu" if gpu else "num_cpu"
+    rest = args.gpus - 1 if split else args.gpus  # devices of the trainer and reference
+    offload = gpu and not split  # colocated with vLLM: take turns on the GPUs
     models = {
-        "policy": dict(model_config_file="policy.yaml", trainable=False, free_memory=gpu, **device),
-        "reference": dict(model_config_file="reference.yaml", trainable=False, free_memory=gpu, **device),
-        "reward": dict(model_config_file="reward.yaml", trainable=False, **device),
-        "policy_trainer": dict(model_config_file="trainer.yaml", trainable=True, free_memory=gpu, **device),
+        "policy": dict(model_config_file="policy.yaml", trainable=False, free_memory=offload,
+                       **{key: 1 if split else args.gpus}),
+        "reference": dict(model_config_file="reference.yaml", trainable=False, free_memory=offload, **{key: rest}),
+        "reward": dict(model_config_file="reward.yaml", trainable=False, **{key: 1}),
+        "policy_trainer": dict(model_config_file="trainer.yaml", trainable=True, free_memory=offload,
+                               **{key: rest}),
     }
+    colocated = [name for name in models if not (split and name == "policy")]
     samples = args.prompts * args.n
+    # One generation batch per vLLM replica, so that every replica samples.
+    replicas = models["policy"][key]
     main = dict(
         runtime_env=dict(platform="local", env_vars={"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
                                                      "VLLM_USE_FLASHINFER_SAMPLER": "0",
                                                      "CUDA_DEVICE_MAX_CONNECTIONS": "1"}),
         models=models,
-        runtime=dict(colocation=[",".join(models)] if gpu else ["policy,policy_trainer", "reference,reward"],
+        runtime=dict(colocation=[",".join(colocated)] if gpu else ["policy,policy_trainer", "reference,reward"],
                      num_episode=args.steps, sample_per_episode=args.prompts, num_training_epoch=1,
-                     generation_batch_size=args.prompts, train_micro_batch_size=args.micro_batch,
+                     generation_batch_size=args.prompts // replicas, train_micro_batch_size=args.micro_batch,
+                     policy_lag=args.policy_lag, policy_lag_mode=args.policy_lag_mode,
                      train_global_batch_size=samples, stream_data_loader_type="dynamic", data_path=str(data),
                      output_dir=str(work / "output"), exp_name="e2e", save_episode_interval=0,
                      eval_episode_interval=0, enable_resume_training=False, seed=42, actor_timeout_s=1800),
@@ -113,18 +138,21 @@ def write_run_files(work: Path, model_dir: str, args: argparse.Namespace, vocab:
 
 
 class GpuMemoryPeak:
-    """The largest ``memory.used`` nvidia-smi reports while running (all processes on GPU 0), MiB."""
+    """The largest ``memory.used`` nvidia-smi reports while running (all processes), MiB: on
+    any GPU (``peak_mib``) and per GPU (``per_gpu_mib``)."""
 
     def __init__(self, interval_s: float = 0.5):
-        self.peak_mib, self._stop = 0.0, threading.Event()
+        self.peak_mib, self.per_gpu_mib, self._stop = 0.0, {}, threading.Event()
         self._thread = threading.Thread(target=self._poll, args=(interval_s,), daemon=True)
 
     def _poll(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                      "-i", "0"], capture_output=True, text=True, timeout=10).stdout
-                self.peak_mib = max(self.peak_mib, float(out.strip().splitlines()[0]))
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                for i, line in enumerate(out.strip().splitlines()):
+                    self.per_gpu_mib[i] = max(self.per_gpu_mib.get(i, 0.0), float(line))
+                self.peak_mib = max(self.per_gpu_mib.values(), default=0.0)
             except (OSError, ValueError, IndexError, subprocess.SubprocessError):
                 pass
 
@@ -137,8 +165,8 @@ class GpuMemoryPeak:
         self._thread.join()
 
 
-def run_engine(config: Path, log_path: Path, gpu: bool) -> tuple[float, Optional[float], float]:
-    """Run the GRPO recipe on ``config``; ``(seconds, seconds to the end of start-up, peak GPU MiB)``.
+def run_engine(config: Path, log_path: Path, gpu: bool) -> tuple[float, Optional[float], dict[int, float]]:
+    """Run the GRPO recipe on ``config``; ``(seconds, seconds to the end of start-up, peak MiB per GPU)``.
     The run's output goes to ``log_path``; a failed run raises with its last lines."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     cmd = [sys.executable, os.path.join(ROOT, "examples/megatron/train_grpo.py"), "-c", str(config)]
@@ -157,11 +185,12 @@ def run_engine(config: Path, log_path: Path, gpu: bool) -> tuple[float, Optional
     if code:
         tail = "".join(open(log_path).readlines()[-40:])
         raise RuntimeError(f"the engine run failed ({code}); log {log_path}:\n{tail}")
-    return seconds, setup_done, peak.peak_mib
+    return seconds, setup_done, dict(peak.per_gpu_mib)
 
 
 class _NoPeak:
     peak_mib = 0.0
+    per_gpu_mib: dict = {}
 
     def __enter__(self) -> "_NoPeak":
         return self
@@ -170,26 +199,48 @@ class _NoPeak:
         pass
 
 
-def step_breakdown(record: dict, samples: int, new_tokens: int, trained_tokens: int, flops_per_token: float,
-                   peak_tflops: Optional[float]) -> dict[str, float]:
-    """One episode's parts (seconds) and rates from its metrics record."""
+def response_length(record: dict, new_tokens: int) -> float:
+    """The episode's mean response length (its rollout metric; ``new_tokens`` if it has none)."""
+    return float(next((v for k, v in record.items() if k.endswith("response_length/mean")), new_tokens))
+
+
+def step_breakdown(record: dict, samples: int, new_tokens: int, prompt_len: int, flops_per_token: Callable,
+                   peak_tflops: Optional[float], replicas: Optional[dict[str, int]] = None) -> dict[str, float]:
+    """One episode's parts (seconds) and rates from its metrics record. ``flops_per_token(seq)``:
+    the model's training FLOPs per token at sequence length ``seq``. The engine sums a method's
+    seconds over replicas; ``replicas`` (policy, reference) turns those into seconds per replica,
+    the wall time of a part when the replicas work side by side."""
     t = {k[len("time/"):]: v for k, v in record.items() if k.startswith("time/")}
+    replicas = replicas or {}
     parts = {
-        "generation": t.get("policy.forward_step", 0.0),
-        "reference": t.get("reference.forward_step", 0.0),
+        "generation": t.get("policy.forward_step", 0.0) / replicas.get("policy", 1),
+        "reference": t.get("reference.forward_step", 0.0) / replicas.get("reference", 1),
         "old_logprobs": t.get("policy_trainer.forward_step", 0.0),
         "reward": t.get("reward.forward_step", 0.0),
         "training": t.get("policy_trainer.train_step", 0.0),
         "sync": t.get("sync", 0.0),
     }
     step = t["episode"]
+    length = response_length(record, new_tokens)
     out = dict(step_s=step, **{f"{k}_s": v for k, v in parts.items()}, rest_s=step - sum(parts.values()))
-    out["generated_tok_s"] = samples * new_tokens / parts["generation"] if parts["generation"] else float("nan")
+    out["response_length"] = length
+    out["reward"] = float(record.get("reward/mean", float("nan")))
+    out["generated_tok_s"] = samples * length / parts["generation"] if parts["generation"] else float("nan")
     if peak_tflops and parts["training"]:
-        out["train_mfu"] = flops_per_token * trained_tokens / parts["training"] / (peak_tflops * 1e12)
+        seq = prompt_len + length
+        out["train_mfu"] = flops_per_token(seq) * samples * seq / parts["training"] / (peak_tflops * 1e12)
     out["driver_s"] = record.get("time/driver", float("nan"))  # part of rest_s: the driver's own work
     out["driver_peak_rss_gib"] = record.get("driver/peak_rss_gib", float("nan"))
     return out
+
+
+def layout_words(args: argparse.Namespace) -> str:
+    lag = f", policy lag {args.policy_lag} ({args.policy_lag_mode})" if args.policy_lag else ", synchronous"
+    if args.layout == "split":
+        return f"vLLM on 1 GPU of its own, the other roles on {args.gpus - 1}{lag}"
+    if args.gpus == 1:
+        return f"every role on the one device{lag}"
+    return f"every role on all {args.gpus} GPUs ({args.gpus} vLLM replicas, trainer DP{args.gpus}){lag}"
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -206,11 +257,26 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--forward-micro-batch", type=int, default=32,
                    help="sequences per micro-batch of the forward-only passes (reference, old log-probs)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share of the GPU")
-    p.add_argument("--recompute-old-logprobs", default="true", choices=("true", "false"))
+    p.add_argument("--recompute-old-logprobs", default=None, choices=("true", "false", "auto"),
+                   help="default: true (auto with --policy-lag, where the sampler's log-probs are the old ones)")
     p.add_argument("--recompute", action="store_true", help="full activation recompute in training")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of the run")
+    p.add_argument("--layout", choices=("colocated", "split"), default="colocated",
+                   help="every role on every GPU (colocated), or vLLM on a GPU of its own (split)")
+    p.add_argument("--policy-lag", type=int, default=0, help="runtime.policy_lag (asynchronous training)")
+    p.add_argument("--policy-lag-mode", choices=("fixed", "streaming"), default="fixed")
+    p.add_argument("--stop-ids", type=int, default=0,
+                   help="this many random token ids end a response (varying lengths); 0: every response is full")
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM without compile and CUDA graphs (starts sooner)")
     p.add_argument("--work", default="/tmp/chatlearn-e2e")
     args = p.parse_args(argv)
-    args.recompute_old_logprobs = args.recompute_old_logprobs == "true"
+    if args.layout == "split" and args.gpus < 2:
+        p.error("--layout split needs --gpus 2 or more (vLLM gets one of its own)")
+    if args.recompute_old_logprobs is None:
+        args.recompute_old_logprobs = "auto" if args.policy_lag else "true"
+    if args.recompute_old_logprobs != "auto":
+        args.recompute_old_logprobs = args.recompute_old_logprobs == "true"
     gpu = args.device == "gpu"
     model = "qwen2-tiny" if args.quick else args.model
     if args.quick:
@@ -233,51 +299,72 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     metrics_file = work / "output" / "e2e" / "metrics.jsonl"
     if metrics_file.exists():
         metrics_file.unlink()
-    seconds, setup_done_s, peak_mib = run_engine(config, work / "run.log", gpu)
+    seconds, setup_done_s, per_gpu_mib = run_engine(config, work / "run.log", gpu)
+    peak_mib = max(per_gpu_mib.values(), default=0.0)
     from chatlearn.utils.metrics import read_metrics
 
     records = [r for r in read_metrics(str(metrics_file)) if r.get("episode", -1) >= 0]
     samples = args.prompts * args.n
-    seq = args.prompt_len + args.new_tokens
-    steps = [step_breakdown(r, samples, args.new_tokens, samples * seq, model_flops_per_token(hf_config, seq),
-                            peak_tflops) for r in records]
+    # Inference models have one replica per device here (TP 1).
+    split = args.layout == "split"
+    replicas = {"policy": 1 if split else args.gpus, "reference": args.gpus - 1 if split else args.gpus}
+    steps = [step_breakdown(r, samples, args.new_tokens, args.prompt_len,
+                            lambda n: model_flops_per_token(hf_config, n), peak_tflops, replicas) for r in records]
     startup = {k: v for k, v in records[0].items() if k.startswith("startup/")} if records else {}
-    measured = steps[1:] or steps
-    mean = {k: statistics.mean(s[k] for s in measured) for k in measured[0]}
+    # The last policy_lag episodes of a lagged run train on rollouts sampled earlier and generate
+    # nothing: a long run has almost none of them, so they are left out of the means.
+    measured = [s for s in steps[1:] if s["generation_s"] > 0 or not args.policy_lag] or steps[1:] or steps
+    # (nan-free: a lagged step may have no generation of its own to rate)
+    mean = {k: statistics.mean([s[k] for s in measured if s[k] == s[k]] or [float("nan")]) for k in measured[0]}
 
-    rows = [("step (wall)", "step_s"), ("generation", "generation_s"), ("reference log-probs", "reference_s"),
+    rows = [("step (wall)", "step_s"), ("generation (per replica)", "generation_s"),
+            ("reference log-probs (per replica)", "reference_s"),
             ("old log-probs", "old_logprobs_s"), ("reward", "reward_s"), ("training", "training_s"),
-            ("sync", "sync_s"), ("rest (driver, offload, idle)", "rest_s"), ("of which the driver", "driver_s")]
+            ("sync", "sync_s"), ("rest (driver, offload, idle; negative: parts overlapped)", "rest_s"),
+            ("of which the driver", "driver_s")]
     table = "| part | seconds per step | share |\n|---|---|---|\n" + "\n".join(
         f"| {label} | {mean[key]:.2f} | {mean[key] / mean['step_s']:.0%} |" for label, key in rows)
     extra = [f"generated tokens/s: {mean['generated_tok_s']:,.0f}"]
     if "train_mfu" in mean:
         extra.append(f"training MFU: {mean['train_mfu']:.1%} of {peak_tflops:.0f} TFLOP/s measured bf16 peak")
     if gpu:
-        extra.append(f"peak GPU memory in use: {peak_mib / 1024:.1f} GiB")
+        extra.append("peak GPU memory in use: " + ", ".join(f"GPU {i} {m / 1024:.1f} GiB"
+                                                            for i, m in sorted(per_gpu_mib.items())))
     extra.append(f"driver peak RSS: {mean['driver_peak_rss_gib']:.2f} GiB")
     if setup_done_s is not None:
         extra.append(f"start-up: process start to first episode {setup_done_s:.1f} s (" + ", ".join(
             f"{k[len('startup/'):-2]} {v:.1f}" for k, v in startup.items()) + ")")
     extra.append(f"warm-up step: {steps[0]['step_s']:.1f} s; whole run {seconds:.0f} s")
+    extra.append(f"steps per hour: {3600 / mean['step_s']:.0f}")
+    extra.append(f"mean response length {mean['response_length']:.0f} tokens")
+    extra.append("reward/mean per step: " + ", ".join(f"{s['reward']:.4f}" for s in steps))
     print(table + "\n\n" + "\n".join(extra), flush=True)
 
     machine = machine_name(args.device)
     tag = f"{args.device}_{model}_{args.new_tokens}"
+    if args.gpus > 1 or args.policy_lag or args.stop_ids:
+        tag += f"_{args.gpus}gpu_{args.layout}_lag{args.policy_lag}" + (f"_stop{args.stop_ids}" if args.stop_ids else "")
     result = dict(model=model, device=args.device, machine=machine, prompts=args.prompts, n=args.n,
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, micro_batch=args.micro_batch,
                   forward_micro_batch=args.forward_micro_batch,
                   recompute_old_logprobs=args.recompute_old_logprobs, activation_recompute=args.recompute,
-                  kl_coef=KL_COEF, lr=LR, peak_tflops=peak_tflops, peak_gpu_mib=peak_mib, run_s=seconds,
+                  kl_coef=KL_COEF, lr=args.lr, gpus=args.gpus, layout=args.layout, policy_lag=args.policy_lag,
+                  policy_lag_mode=args.policy_lag_mode, stop_ids=args.stop_ids, peak_tflops=peak_tflops, peak_gpu_mib=peak_mib,
+                  peak_gpu_mib_per_gpu=per_gpu_mib, run_s=seconds,
                   startup_to_first_episode_s=setup_done_s, startup_parts=startup, steps=steps, mean=mean)
     save_results(f"e2e_gpu_{tag}", result)
     cmd = command_line("e2e_gpu.py", argv)
     update_results_section(
         f"End-to-end GRPO step ({tag})",
         f"Machine: {machine}. Command: `{cmd}`. {model} shape (random init, bf16 on GPU), {args.prompts} prompts "
-        f"of {args.prompt_len} tokens x {args.n} responses x {args.new_tokens} new tokens (ignore EOS, "
-        f"temperature 1), KL coefficient {KL_COEF}, old log-probs recomputed: {args.recompute_old_logprobs}, "
-        f"micro-batches of {args.micro_batch} (forward-only: {args.forward_micro_batch}), every role on the one device; mean of steps 2-{len(steps)}.\n\n"
+        f"of {args.prompt_len} tokens x {args.n} responses x "
+        + (f"up to {args.new_tokens} new tokens ({args.stop_ids} random stop ids), " if args.stop_ids
+           else f"{args.new_tokens} new tokens (ignore EOS), ")
+        + f"temperature 1, KL coefficient {KL_COEF}, lr {args.lr:g}, old log-probs recomputed: "
+        f"{args.recompute_old_logprobs}, micro-batches of {args.micro_batch} (forward-only: "
+        f"{args.forward_micro_batch}), {layout_words(args)}"
+        + (", vLLM eager (no CUDA graphs)" if args.enforce_eager else "")
+        + f"; mean of {len(measured)} steps after the first (warm-up).\n\n"
         f"{table}\n\n" + "; ".join(extra) + ".\n")
     return result
 

@@ -24,10 +24,15 @@ and a section of ``benchmarks/RESULTS.md``.
     python benchmarks/param_sync.py --device gpu             # Qwen2-0.5B and 1.5B shapes, bf16
     python benchmarks/param_sync.py --device gpu --models qwen2-0.5b   # one model per call (time limits);
     python benchmarks/param_sync.py --device gpu --models qwen2-1.5b   # the results file keeps both
+    # two GPUs: the trainer on one, vLLM on the other (NCCL broadcast against the GPU-to-GPU copy)
+    python benchmarks/param_sync.py --device gpu --models qwen2-0.5b --layout separate --transports collective shm
+    # two GPUs: vLLM TP2 over both (the trainer on the first), generation against standalone vLLM TP2
+    python benchmarks/param_sync.py --device gpu --models qwen2-0.5b --vllm-tp 2 --transports auto --standalone
 
 GPU runs need ``attention_config={"backend": "TRITON_ATTN"}`` and
 ``VLLM_USE_FLASHINFER_SAMPLER=0`` with the stripped vLLM wheel of the lent
-machines (set here); trainer and vLLM share the one GPU (colocated).
+machines (set here). ``--layout colocated`` (default): the trainer shares vLLM's first GPU;
+``separate``: the trainer has a GPU of its own (the floor is then a copy between the two GPUs).
 """
 from __future__ import annotations
 
@@ -163,7 +168,8 @@ def trainer_module(kind: str):
 
 class Runtime:
     def __init__(self, device: str, model_dir: Path, work: Path, trainer: str, bucket_mb: int, new_tokens: int,
-                 prompt_len: int, enforce_eager: bool, weight_loader: str = "auto"):
+                 prompt_len: int, enforce_eager: bool, weight_loader: str = "auto", layout: str = "colocated",
+                 vllm_tp: int = 1):
         self.device = device
         self.model_dir = model_dir
         self.work = work
@@ -173,6 +179,8 @@ class Runtime:
         self.new_tokens = new_tokens
         self.enforce_eager = enforce_eager
         self.weight_loader = weight_loader
+        self.layout = layout
+        self.vllm_tp = vllm_tp
         self.dist: dict[str, Any] = {}
         self.pg = None
 
@@ -198,11 +206,13 @@ class Runtime:
             "runtime_env": {"platform": "local", "env_vars": {"VLLM_USE_FLASHINFER_SAMPLER": "0"} if gpu else {}},
             "models": {
                 "trainer": {slots: 1, "trainable": False, "args_dict": trainer_args},
-                "policy": {slots: 1, "args_dict": policy_args},
+                "policy": {slots: self.vllm_tp, "tensor_model_parallel_size": self.vllm_tp,
+                           "args_dict": policy_args},
             },
             "runtime": {"coalesced_buffer_mb": self.bucket_mb, "sample_per_episode": 1024,
                         "generation_batch_size": 1, "output_dir": str(self.work / "out"), "seed": 1,
-                        "actor_timeout_s": 1800, "colocation": ["trainer,policy"] if gpu else []},
+                        "actor_timeout_s": 1800,
+                        "colocation": ["trainer,policy"] if gpu and self.layout == "colocated" else []},
         }
         path = self.work / f"param_sync_{self.device}.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -217,6 +227,7 @@ class Runtime:
         from chatlearn.models.vllm_module import VLLMModule
         from chatlearn.runtime.calls import CallTracker
         from chatlearn.runtime.dist_model import DistModel
+        from chatlearn.runtime.startup import bundle_gpu_ids
 
         cfg = chatlearn.init(str(self.config_path()))
         plan = plan_placement(cfg, self.device)
@@ -233,13 +244,15 @@ class Runtime:
         env = {k: str(v) for k, v in cfg.runtime_env.env_vars.items()}
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(REPO), *[p for p in sys.path if p and os.path.isdir(p)]]))
         modules = {"trainer": trainer_module(self.trainer_kind), "policy": VLLMModule("policy")}
+        # A vLLM replica over several GPUs sees all of them (as the engine's start-up arranges).
+        gpus = bundle_gpu_ids(self.pg, range(plan.num_slots[pool])) if pool == "gpu" else None
         for name, module in modules.items():
             mp = plan.models[name]
             share = plan.slot_share(mp.device)
             d = DistModel(module=module, tp=mp.tp, pp=mp.pp, num_devices=mp.num_devices, bundles=list(mp.slots),
                           share=[1.0 / share[s] for s in mp.slots], resource=resource, trainable=mp.trainable,
                           tracker=self.tracker)
-            d.create_workers(self.pg, cfg, {**env, "CHATLEARN_MODEL": name})
+            d.create_workers(self.pg, cfg, {**env, "CHATLEARN_MODEL": name}, gpus)
             self.dist[name] = d
         self.tracker.get([r for d in self.dist.values() for r in d.init_distributed(300)], 300)
         for name in ("trainer", "policy"):  # the trainer first: on a shared GPU vLLM sizes its cache last
@@ -303,14 +316,16 @@ class Runtime:
             synchronizers[transport].sync(self.dist["trainer"], self.dist["policy"])
             synchronizers[transport].validate(self.dist["trainer"], self.dist["policy"])
             results[transport] = {"runs": done, "cold": done[0], "validated": True,
+                                  "resolved": synchronizers[transport]._plan(self.dist["trainer"],
+                                                                             self.dist["policy"])[0],
                                   "warm": {key: statistics.median(r[key] for r in warm) for key in warm[0]},
                                   "validate_s": time.perf_counter() - start}
         return results, errors
 
     def vllm_generate(self, prompts: list[list[int]]) -> dict[str, float]:
         policy = self.dist["policy"]
-        # Warm-up (first batch compiles/allocates), then the measured batch.
-        self.tracker.get([policy.round_robin("forward_step", {"prompt_ids": prompts[:2]}).ref])
+        # Warm-up with the measured batch (the first run of a shape compiles kernels), then the measured run.
+        self.tracker.get([policy.round_robin("forward_step", {"prompt_ids": prompts}).ref])
         start = time.perf_counter()
         (out,) = self.tracker.get([policy.round_robin("forward_step", {"prompt_ids": prompts}).ref])
         wall = time.perf_counter() - start
@@ -351,15 +366,63 @@ def hf_generate(model_dir: Path, prompts: list[list[int]], new_tokens: int, devi
     return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
 
 
+def standalone_generate(model_dir: Path, prompts: list[list[int]], args) -> dict[str, float]:
+    """The same generation in a plain ``vllm.LLM`` in this process, built from the engine
+    arguments the policy uses (``engine_kwargs``, same TP size): what the engine adds on top."""
+    from vllm import LLM, SamplingParams
+
+    from chatlearn.models.vllm_module import cpu_thread_binding, engine_kwargs
+    from chatlearn.utils.vllm_env import configure_vllm_cpu_env
+
+    gpu = args.device == "gpu"
+    # The process layout the policy's engine has (VLLMModule.setup): in process at TP 1.
+    configure_vllm_cpu_env(kv_cache_gib=None, in_process=args.vllm_tp == 1)
+    if args.vllm_tp == 1:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not gpu and args.vllm_tp > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(args.vllm_tp))
+    policy = dict(load=str(model_dir), max_model_len=args.prompt_len + args.new_tokens + 8, seed=0,
+                  enforce_eager=args.enforce_eager)
+    policy.update(dict(gpu_memory_utilization=0.45, attention_backend="TRITON_ATTN") if gpu
+                  else dict(kv_cache_memory_bytes=512 * 2**20))
+    llm = LLM(**engine_kwargs(policy, tensor_parallel_size=args.vllm_tp, on_gpu=gpu, seed=0))
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.new_tokens, logprobs=0,
+                            flat_logprobs=True, detokenize=False)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(requests, params, use_tqdm=False)  # warm-up, as the engine run had
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    if engine_core is not None and hasattr(engine_core, "shutdown"):
+        engine_core.shutdown()
+    del llm
+    return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+
+
 def _sync_device(device: str) -> None:
     if device == "gpu":
         torch.cuda.synchronize()
 
 
-def copy_floor(nbytes: int, device: str) -> dict[str, float]:
+def copy_floor(nbytes: int, device: str, layout: str = "colocated") -> dict[str, float]:
     """One copy of ``nbytes``: memcpy into warm (already faulted-in) memory on CPU,
-    device-to-device on GPU (plus pinned host-to-device, for reference)."""
+    device-to-device on GPU (plus pinned host-to-device, for reference); with the ``separate``
+    layout the floor is a copy from GPU 0 to GPU 1 (NVLink where there is one)."""
     out: dict[str, float] = {}
+    if device == "gpu" and torch.cuda.device_count() >= 2:
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+        dst = torch.zeros(nbytes, dtype=torch.uint8, device="cuda:1")
+        best = float("inf")
+        for _ in range(5):
+            torch.cuda.synchronize(0), torch.cuda.synchronize(1)
+            start = time.perf_counter()
+            dst.copy_(src)
+            torch.cuda.synchronize(0), torch.cuda.synchronize(1)
+            best = min(best, time.perf_counter() - start)
+        out["gpu0_to_gpu1_s"] = best
+        del src, dst
     if device == "gpu":
         src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
@@ -381,7 +444,7 @@ def copy_floor(nbytes: int, device: str) -> dict[str, float]:
             torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
         out["h2d_pinned_s"] = best
-        out["floor_s"] = out["d2d_s"]
+        out["floor_s"] = out["gpu0_to_gpu1_s"] if layout == "separate" else out["d2d_s"]
         del src, dst, host
         torch.cuda.empty_cache()
         return out
@@ -443,7 +506,8 @@ def machine(device: str) -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> tuple[str, str]:
     sync_rows = [("model", "params", "MB", "transport", "sync s", "export", "write", "load", "reset", "GB/s",
                   "floor s", "x floor", "cold sync s", "validated")]
-    gen_rows = [("model", "batch x new", "vLLM tok/s", "transformers tok/s", "vLLM / HF")]
+    gen_rows = [("model", "batch x new", "vLLM tok/s", "standalone vLLM tok/s", "engine / standalone",
+                 "transformers tok/s", "vLLM / HF")]
     for r in results:
         if "error" in r:
             sync_rows.append((r["model"], "-", "-", "error: " + r["error"].splitlines()[-1][:60], *["-"] * 10))
@@ -455,14 +519,19 @@ def table(results: list[dict[str, Any]]) -> tuple[str, str]:
         for transport, s in r["sync"].items():
             w = s["warm"]
             sync_rows.append((
-                r["model"], f"{r['params'] / 1e6:.0f}M", f"{r['bytes'] / 1e6:.0f}", transport,
+                r["model"], f"{r['params'] / 1e6:.0f}M", f"{r['bytes'] / 1e6:.0f}",
+                transport if s.get("resolved", transport) == transport else f"{transport} ({s['resolved']})",
                 f"{w['seconds']:.3f}", f"{w['export_s']:.3f}", f"{w['write_s']:.3f}", f"{w.get('load_s', 0):.3f}",
                 f"{w.get('reset_s', 0):.4f}", f"{r['bytes'] / w['seconds'] / 1e9:.2f}", f"{floor:.4f}",
                 f"{w['seconds'] / floor:.1f}", f"{s['cold']['seconds']:.3f}", "yes" if s["validated"] else "NO"))
         g = r.get("generate")
         if g:
+            alone, hf = g.get("standalone"), g.get("hf")
             gen_rows.append((r["model"], f"{g['batch']} x {g['new_tokens']}", f"{g['vllm']['tok_s']:.0f}",
-                             f"{g['hf']['tok_s']:.0f}", f"{g['vllm']['tok_s'] / g['hf']['tok_s']:.1f}x"))
+                             f"{alone['tok_s']:.0f}" if alone else "-",
+                             f"{g['vllm']['tok_s'] / alone['tok_s']:.2f}" if alone else "-",
+                             f"{hf['tok_s']:.0f}" if hf else "-",
+                             f"{g['vllm']['tok_s'] / hf['tok_s']:.1f}x" if hf else "-"))
 
     def fmt(rows):
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
@@ -473,12 +542,16 @@ def table(results: list[dict[str, Any]]) -> tuple[str, str]:
     return fmt(sync_rows), fmt(gen_rows)
 
 
-def write_results_md(path: Path, device: str, report: dict[str, Any], sync_table: str, gen_table: str) -> None:
-    m = report["machine"]
+def write_results_md(path: Path, tag: str, report: dict[str, Any], sync_table: str, gen_table: str) -> None:
+    m, device = report["machine"], report["device"]
+    layout = report.get("layout", "colocated")
+    where_trainer = ("the trainer on a GPU of its own, vLLM on another" if layout == "separate"
+                     else "the trainer on vLLM's first GPU" if device == "gpu" else "")
     where = f"{m.get('gpu', '')} ({m.get('gpu_count', 0)} GPU), " if device == "gpu" else ""
     section = "\n".join([
-        f"<!-- param_sync:{device}:start -->",
-        f"## Parameter sync and generation, {device.upper()}",
+        f"<!-- param_sync:{tag}:start -->",
+        f"## Parameter sync and generation, {device.upper()}"
+        + (f" ({layout}, vLLM TP{report.get('vllm_tp', 1)})" if tag != device else ""),
         "",
         f"Machine: {where}{m['cpu']}, {m['cores']} cores ({m.get('usable_cores', m['cores'])} usable), "
         f"{m.get('mem_gib', '?')} GiB RAM; torch {m['torch']}, vLLM {m['vllm']}, ray {m['ray']}, "
@@ -488,11 +561,13 @@ def write_results_md(path: Path, device: str, report: dict[str, Any], sync_table
         f"{'/'.join(f'{x:.1f}' for x in report['load_average_end'])}: other jobs on a shared machine "
         "move the absolute numbers from run to run.",
         "",
-        "Sync = `StateDictSynchronizer.sync` from a Megatron trainer (TP1) into one vLLM replica "
+        f"Sync = `StateDictSynchronizer.sync` from a Megatron trainer (TP1) into one vLLM replica "
+        f"(TP{report.get('vllm_tp', 1)}{'; ' + where_trainer if where_trainer else ''}) "
         "(driver wall clock; median of the warm repeats). Parts: trainer export "
         "(`named_parameters_for_sync`), bucket write, vLLM load (`weight_loader`; auto: `load_weights` on GPU, `reload_weights` on CPU; streaming all buckets, "
         "reading included), prefix-cache reset. Floor = one copy of the same bytes in the same run "
-        + ("(device-to-device)." if device == "gpu" else "(memcpy into warm memory). "
+        + (("(GPU 0 to GPU 1)." if layout == "separate" else "(device-to-device).") if device == "gpu"
+           else "(memcpy into warm memory). "
            "`cold sync s` is the first sync (bucket files created).")
         + f" Buckets of {report['bucket_mb']} MB.",
         "",
@@ -505,11 +580,11 @@ def write_results_md(path: Path, device: str, report: dict[str, Any], sync_table
         *([f"Models measured in separate runs: " + "; ".join(f"{r['model']}: {r['measured']}"
                                                               for r in report["results"]) + "."]
           if len({r.get("measured") for r in report["results"]}) > 1 else []),
-        f"Raw numbers: `benchmarks/results/param_sync_{device}.json`.",
-        f"<!-- param_sync:{device}:end -->",
+        f"Raw numbers: `benchmarks/results/param_sync_{tag}.json`.",
+        f"<!-- param_sync:{tag}:end -->",
     ])
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = f"<!-- param_sync:{device}:start -->", f"<!-- param_sync:{device}:end -->"
+    start, end = f"<!-- param_sync:{tag}:start -->", f"<!-- param_sync:{tag}:end -->"
     if start in text and end in text:
         text = text[:text.index(start)] + section + text[text.index(end) + len(end):]
     else:
@@ -525,7 +600,7 @@ def _start_runtime(args, model_dir: Path, work: Path, loader: str, result: dict[
     trainer = args.trainer if args.trainer != "auto" else "megatron"
     for attempt in (trainer, "hf"):
         runtime = Runtime(args.device, model_dir, work, attempt, args.bucket_mb, args.new_tokens, args.prompt_len,
-                          args.enforce_eager, loader)
+                          args.enforce_eager, loader, args.layout, args.vllm_tp)
         try:
             runtime.start()
             runtime.probe_export()
@@ -566,12 +641,15 @@ def bench_model(args, name: str, work: Path) -> dict[str, Any]:
             runtime.stop()
     if not result["sync_errors"]:
         del result["sync_errors"]
-    hf = hf_generate(model_dir, prompts, args.new_tokens, args.device)
+    standalone = standalone_generate(model_dir, prompts, args) if args.standalone else None
+    hf = None if args.no_hf else hf_generate(model_dir, prompts, args.new_tokens, args.device)
     result["generate"] = {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                          "vllm": vllm, "hf": hf}
-    result["floor"] = copy_floor(nbytes, args.device)
-    print(f"  vLLM {vllm['tok_s']:.0f} tok/s, transformers {hf['tok_s']:.0f} tok/s; "
-          f"floor {result['floor']['floor_s']:.4f} s", flush=True)
+                          "vllm": vllm, "hf": hf, "standalone": standalone}
+    result["floor"] = copy_floor(nbytes, args.device, args.layout)
+    print(f"  vLLM {vllm['tok_s']:.0f} tok/s in the engine"
+          + (f", {standalone['tok_s']:.0f} standalone" if standalone else "")
+          + (f", transformers {hf['tok_s']:.0f} tok/s" if hf else "")
+          + f"; floor {result['floor']['floor_s']:.4f} s", flush=True)
     return result
 
 
@@ -581,7 +659,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller generation batch")
     parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), help="default: the device's two shapes")
     parser.add_argument("--transports", nargs="+", default=None,
-                        choices=["shm", "object_store", "cuda_ipc", "collective"],
+                        choices=["auto", "shm", "object_store", "cuda_ipc", "collective"],
                         help="default: shm and object_store, plus cuda_ipc on GPU")
     parser.add_argument("--trainer", choices=["auto", "megatron", "hf"], default="auto",
                         help="sync source; auto: megatron, falling back to transformers if megatron fails")
@@ -591,6 +669,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--enforce-eager", action="store_true", help="GPU: skip vLLM's compile and CUDA graphs")
+    parser.add_argument("--layout", choices=["colocated", "separate"], default="colocated",
+                        help="GPU: the trainer on vLLM's first GPU (colocated) or on a GPU of its own (separate)")
+    parser.add_argument("--vllm-tp", type=int, default=1, help="vLLM's tensor-parallel size (GPUs per replica)")
+    parser.add_argument("--standalone", action="store_true",
+                        help="also time the same generation in a plain vllm.LLM of the same TP size")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     parser.add_argument("--weight-loaders", nargs="+", default=["auto"],
                         choices=["auto", "reload_weights", "load_weights"],
                         help="the policy's weight_loader; several: measured one after the other in this run")
@@ -616,11 +700,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.new_tokens = args.new_tokens or ((16 if args.quick else 64) if not gpu else 128)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    # One results file and RESULTS.md section per device and layout.
+    tag = args.device + ("" if (args.layout, args.vllm_tp) == ("colocated", 1)
+                         else f"_{args.layout}_vllm_tp{args.vllm_tp}")
 
     report: dict[str, Any] = {
         "command": "python benchmarks/param_sync.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": args.device, "machine": machine(args.device), "bucket_mb": args.bucket_mb,
+        "device": args.device, "layout": args.layout, "vllm_tp": args.vllm_tp,
+        "machine": machine(args.device), "bucket_mb": args.bucket_mb,
         "repeats": args.repeats, "prompt_len": args.prompt_len, "results": [],
         "load_average_start": os.getloadavg(),
     }
@@ -636,7 +724,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report["load_average_end"] = os.getloadavg()
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = results_dir / f"param_sync_{args.device}.json"
+    json_path = results_dir / f"param_sync_{tag}.json"
     if json_path.exists() and not args.fresh:
         # One model per call fits a short time limit: keep the other models'
         # numbers of earlier runs (each entry says when and how it was measured).
@@ -650,7 +738,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sync_table, gen_table = table(report["results"])
     print("\n" + sync_table + "\n\n" + gen_table)
     json_path.write_text(json.dumps(report, indent=1, default=str))
-    write_results_md(results_dir.parent / "RESULTS.md", args.device, report, sync_table, gen_table)
+    write_results_md(results_dir.parent / "RESULTS.md", tag, report, sync_table, gen_table)
     print(f"\nwrote {json_path} and {results_dir.parent / 'RESULTS.md'}")
     return 1 if failed else 0
 

@@ -11,6 +11,7 @@ import torch
 
 from chatlearn.models.vllm_module import cpu_thread_binding
 from chatlearn.synchronizer import buckets, vllm_sync
+from chatlearn.synchronizer.base import choose_transport
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -178,3 +179,24 @@ def test_cpu_thread_binding():
     assert cpu_thread_binding(2, [0, 1]) == "0|1"
     assert cpu_thread_binding(2, [0, 1, 2, 3, 4]) == "0,1|2,3"
     assert cpu_thread_binding(3, [4, 5]) == "4|5|4"
+
+
+def test_choose_transport_by_where_the_processes_are():
+    pair = "param sync a -> b"
+    # CPU: shm on one host, the object store across hosts; collective only when asked.
+    assert choose_transport("auto", True, 0, [[]], [[], []], pair) == ("auto", [0, 0])
+    assert choose_transport("auto", False, 0, [[]], [[]], pair) == (buckets.OBJECT_STORE, [0])
+    assert choose_transport(buckets.COLLECTIVE, True, 0, [[]], [[]], pair) == (buckets.COLLECTIVE, [0])
+    # Each receiver on the GPU of a trainer rank reads that rank's buffers.
+    assert choose_transport("auto", True, 0, [["g0"], ["g1"]], [["g1"], ["g0"]], pair) == \
+        (buckets.CUDA_IPC, [1, 0])
+    # Receivers on GPUs of their own: NCCL, from the output rank.
+    assert choose_transport("auto", True, 1, [["g0"], ["g1"]], [["g2"], ["g3", "g4"]], pair) == \
+        (buckets.COLLECTIVE, [1, 1])
+    # A tensor-parallel engine over the trainer's own GPUs: not one process per GPU (no CUDA IPC),
+    # and NCCL cannot hold two members on one GPU: /dev/shm.
+    assert choose_transport("auto", True, 0, [["g0"], ["g1"]], [["g0", "g1"]], pair) == ("auto", [0])
+    with pytest.raises(ValueError, match="two members on one GPU"):
+        choose_transport(buckets.COLLECTIVE, True, 0, [["g0"]], [["g0", "g1"]], pair)
+    with pytest.raises(ValueError, match="cuda_ipc needs every receiver"):
+        choose_transport(buckets.CUDA_IPC, True, 0, [["g0"]], [["g1"]], pair)

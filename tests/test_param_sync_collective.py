@@ -1,7 +1,7 @@
 """The ``collective`` weight-sync transport (chatlearn/synchronizer/collective.py).
 
-Default suite: a writer and two receivers in three processes broadcast a state dict through the
-bucket manifest, twice (the group and the receive buffers are kept), and every tensor arrives
+Default suite: a writer and two receivers in three processes (one per GPU over NCCL on a machine
+with GPUs) broadcast a state dict through the bucket manifest, twice (the group and the receive buffers are kept), and every tensor arrives
 bit-exact, in bucket order, including from buckets received before the last one. Slow: a
 Megatron TP2 trainer syncs into two vLLM replicas and into one vLLM TP2 engine (its worker
 processes join the group) through the Ray engine, every sync validated.
@@ -25,11 +25,14 @@ def _state(version: int) -> dict[str, torch.Tensor]:
 
 
 def _member(rank: int, world: int, port: int, out_dir: str) -> None:
+    # On a GPU machine ``spawn`` gave this rank a GPU of its own: the group is NCCL.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     collective.join("pair", "127.0.0.1", port, rank, world, secret="s3")
     for version in (1, 2):
         state = _state(version)
         if rank == 0:
-            manifest = buckets.write_buckets(state, 4096, buckets.COLLECTIVE, channel="pair")
+            on_device = {name: t.to(device) for name, t in state.items()}
+            manifest = buckets.write_buckets(on_device, 4096, buckets.COLLECTIVE, channel="pair")
             assert len(manifest["buckets"]) >= 3 and "path" not in manifest["buckets"][0]
             torch.save(manifest, os.path.join(out_dir, f"manifest{version}.pt"))
             collective.send("pair")
@@ -43,12 +46,17 @@ def _member(rank: int, world: int, port: int, out_dir: str) -> None:
             got = list(buckets.iter_manifest(torch.load(path)))  # every view kept until the end
             assert [name for name, _ in got] == list(state)
             for name, tensor in got:
-                assert tensor.dtype == state[name].dtype and torch.equal(tensor, state[name]), name
+                assert tensor.device.type == device, name
+                assert tensor.dtype == state[name].dtype and torch.equal(tensor.cpu(), state[name]), name
 
 
 def test_a_broadcast_reaches_every_receiver_bit_exact_twice(tmp_path):
+    """gloo on CPU, three processes; NCCL where there are GPUs, one process per GPU (up to three)."""
+    world = min(3, torch.cuda.device_count()) if torch.cuda.is_available() else 3
+    if world < 2:
+        pytest.skip("NCCL needs a GPU per member of the group, this machine has one")
     port = collective.free_port()
-    spawn(_member, 3, port, str(tmp_path))
+    spawn(_member, world, port, str(tmp_path))
 
 
 def test_receiving_without_joining_names_the_channel():

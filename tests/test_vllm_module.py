@@ -55,6 +55,10 @@ def test_sampling_kwargs_maps_chatlearn_keys():
     assert (ev["temperature"], ev["top_k"], ev["top_p"]) == (0.0, 5, 0.5)
     # Without a special-token table every entry is a stop string.
     assert ev["stop"] == ["=", "</s>", "\n"] and "stop_token_ids" not in ev
+    # stop_token_ids come first, the special tokens of stop_token_list after them.
+    ids = sampling_kwargs({**args, "stop_token_ids": [7, 9]}, prompt_len=5, max_model_len=100,
+                          special_token_ids={"</s>": EOS_ID})
+    assert ids["stop_token_ids"] == [7, 9, EOS_ID]
 
 
 def test_sampling_kwargs_lengths_and_defaults():

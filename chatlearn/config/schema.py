@@ -246,6 +246,8 @@ class VLLMArgs:
     eval_n: int = 1
     # Semicolon-separated stop strings.
     stop_token_list: Optional[str] = None
+    # Token ids that end a response (besides EOS): vLLM's stop_token_ids.
+    stop_token_ids: Optional[list[int]] = None
     # Cap generation at max_new_tokens (else at the model's max length).
     new_token_limit: bool = False
     max_new_tokens: int = 64

@@ -84,7 +84,7 @@ def sampling_kwargs(
     * ``stop_token_list`` is semicolon-separated. Entries that are special
       tokens (``special_token_ids``) stop on the token id: their text is empty
       once special tokens are skipped, so a stop *string* would never match.
-      The others are stop strings.
+      The others are stop strings. ``stop_token_ids`` adds token ids that stop.
     * Length: with ``new_token_limit`` at most ``max_new_tokens`` new tokens;
       otherwise up to the model's length, ``max_model_len - prompt_len``.
     * The logprob of every sampled token is always requested.
@@ -114,7 +114,7 @@ def sampling_kwargs(
     else:
         max_tokens = room
 
-    stop_strings, stop_ids = [], []
+    stop_strings, stop_ids = [], [int(i) for i in args.get("stop_token_ids") or ()]
     for entry in parse_stop_list(args.get("stop_token_list")):
         if special_token_ids and entry in special_token_ids:
             stop_ids.append(int(special_token_ids[entry]))

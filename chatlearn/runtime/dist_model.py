@@ -104,15 +104,16 @@ class DistModel:
         return [w for replica in self.replicas for w in replica]
 
     # -- start-up ----------------------------------------------------------------
-    def create_workers(self, placement_group, config, env_vars: dict[str, str]) -> None:
-        if self.one_actor_per_replica and self.resource == "GPU" and self.slots_per_replica > 1:
-            # The actor would see the one GPU of its bundle; a multi-GPU engine
-            # needs bundles of tp GPUs (or vLLM's Ray executor on this placement group).
-            raise NotImplementedError(
-                f"model {self.name!r}: a {type(self.module).__name__} replica over "
-                f"{self.slots_per_replica} GPUs (tensor_model_parallel_size > 1) is not supported yet on GPU; "
-                "use tensor_model_parallel_size 1 and more replicas"
-            )
+    def create_workers(self, placement_group, config, env_vars: dict[str, str],
+                       bundle_gpus: Optional[dict[int, str]] = None) -> None:
+        """One Ray actor per rank on its bundle. ``bundle_gpus`` (the GPU id of each bundle,
+        ``startup.bundle_gpu_ids``) is needed by a one-actor replica over several GPUs: its
+        actor is placed on the replica's first bundle and made to see all of the replica's GPUs,
+        for the engine's own tensor-parallel worker processes."""
+        multi_gpu = self.one_actor_per_replica and self.resource == "GPU" and self.slots_per_replica > 1
+        if multi_gpu and bundle_gpus is None:
+            raise ValueError(f"model {self.name!r}: a replica over {self.slots_per_replica} GPUs needs the GPU "
+                             "id of each bundle (startup.bundle_gpu_ids)")
         remote_cls = ray.remote(ModelWorker)
         for replica_id in range(self.num_replicas):
             replica = []
@@ -131,7 +132,13 @@ class DistModel:
                     runtime_env={"env_vars": env_vars},
                     max_concurrency=1,
                 )
-                actor = remote_cls.options(**options).remote(type(self.module), self.name, config, info, env_vars)
+                actor_env = env_vars
+                if multi_gpu:
+                    # Ray shows the actor its first bundle's GPU only; ModelWorker sets this
+                    # before anything touches CUDA, and vLLM's workers inherit it.
+                    slots = self.bundles[index:index + self.slots_per_replica]
+                    actor_env = {**env_vars, "CUDA_VISIBLE_DEVICES": ",".join(bundle_gpus[b] for b in slots)}
+                actor = remote_cls.options(**options).remote(type(self.module), self.name, config, info, actor_env)
                 replica.append(WorkerHandle(actor, info))
             self.replicas.append(replica)
         self.reset_round_robin()

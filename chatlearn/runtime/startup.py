@@ -118,6 +118,33 @@ def worker_env(config: ChatLearnConfig, extra: dict[str, str]) -> dict[str, str]
     return env
 
 
+def _multi_gpu_replica(model: BaseModule, plan) -> bool:
+    return (plan.device == "gpu" and not plan.trainable and plan.tp * plan.pp > 1
+            and bool(getattr(type(model), "one_actor_per_replica", False)))
+
+
+def bundle_gpu_ids(placement_group, bundles: range, timeout_s: float = 120.0) -> dict[int, str]:
+    """The GPU id (as ``CUDA_VISIBLE_DEVICES`` names it on its node) of every GPU bundle.
+
+    Ray tells a task which GPU it got, not which GPU a bundle is: one task per bundle asks.
+    Run before the model actors exist, while each bundle's whole GPU is still free."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    task = ray.remote(_gpu_ids)
+    refs = {b: task.options(num_cpus=0, num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=placement_group, placement_group_bundle_index=b)).remote()
+            for b in bundles}
+    ids = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+    return {b: str(found[0]) for b, found in ids.items()}
+
+
+def _gpu_ids() -> list:
+    import ray
+
+    return ray.get_gpu_ids()
+
+
 def create_models(models: dict[str, BaseModule], cluster: Cluster, config: ChatLearnConfig,
                   tracker: CallTracker, env: dict[str, str], dist: dict[str, DistModel],
                   seconds: Optional[dict[str, float]] = None) -> None:
@@ -128,6 +155,12 @@ def create_models(models: dict[str, BaseModule], cluster: Cluster, config: ChatL
     (``workers``: processes started and torch.distributed joined; ``setup.<model>``)."""
     seconds = {} if seconds is None else seconds
     began = time.perf_counter()
+    bundle_gpus = None
+    if any(_multi_gpu_replica(model, cluster.placement.models[name]) for name, model in models.items()):
+        # Before any actor takes a share of a bundle.
+        offset = cluster.bundle_offset.get("gpu", 0)
+        bundle_gpus = bundle_gpu_ids(cluster.placement_group,
+                                     range(offset, offset + cluster.placement.num_slots.get("gpu", 0)))
     for name, model in models.items():
         plan = cluster.placement.models[name]
         offset = cluster.bundle_offset[plan.device]
@@ -143,7 +176,7 @@ def create_models(models: dict[str, BaseModule], cluster: Cluster, config: ChatL
             trainable=plan.trainable,
             tracker=tracker,
         )
-        dist[name].create_workers(cluster.placement_group, config, {**env, "CHATLEARN_MODEL": name})
+        dist[name].create_workers(cluster.placement_group, config, {**env, "CHATLEARN_MODEL": name}, bundle_gpus)
     tracker.get([ref for d in dist.values() for ref in d.init_distributed(STARTUP_TIMEOUT_S)], STARTUP_TIMEOUT_S)
     seconds["workers"] = time.perf_counter() - began
     # A model whose class sets ``sets_up_alone`` (vLLM: it sizes its KV cache from the device

@@ -161,6 +161,43 @@ class ParameterSynchronizer:
         return {"probe_s": time.perf_counter() - start, "probe_max_gap": largest}
 
 
+def choose_transport(wanted: str, one_host: bool, output_rank: int, src_gpus: list[list[str]],
+                     dst_gpus: list[list[str]], pair: str) -> tuple[str, list[int]]:
+    """The transport for ``wanted``, and the trainer rank each receiver reads from.
+
+    ``src_gpus`` / ``dst_gpus``: the GPUs each trainer rank / receiving actor sees (a vLLM
+    replica over several GPUs lists them all; [] off GPU). ``auto`` picks, in order:
+
+    * ``cuda_ipc``: every receiver is one process on a GPU that a trainer rank uses (same
+      host); it reads that rank's buffers device to device (every trainer rank holds the
+      whole exported model);
+    * ``collective``: the writer and every receiver are on GPUs, no two on one GPU (NCCL
+      refuses a group with two members on one device): a broadcast over NVLink or the network;
+    * ``auto`` at the writer: /dev/shm on one host (or the object store if it is too small);
+    * ``object_store`` across hosts.
+    """
+    sources = [output_rank] * len(dst_gpus)
+    trainer_gpus = [g[0] if len(g) == 1 else "" for g in src_gpus]
+    if wanted in ("auto", buckets.CUDA_IPC):
+        if one_host and dst_gpus and all(len(g) == 1 and g[0] in trainer_gpus for g in dst_gpus):
+            return buckets.CUDA_IPC, [trainer_gpus.index(g[0]) for g in dst_gpus]
+        if wanted == buckets.CUDA_IPC:
+            raise ValueError(f"{pair}: transport cuda_ipc needs every receiver to be one process on a GPU that "
+                             f"a trainer rank uses (trainer GPUs {src_gpus}, receiver GPUs {dst_gpus})")
+    members = [*src_gpus[output_rank], *(g for gpus in dst_gpus for g in gpus)]
+    on_gpus = bool(src_gpus[output_rank]) and all(dst_gpus)
+    distinct = len(set(members)) == len(members)
+    if wanted == buckets.COLLECTIVE and on_gpus and not distinct:
+        raise ValueError(f"{pair}: transport collective (NCCL) cannot have two members on one GPU: the writing "
+                         f"trainer rank sees {src_gpus[output_rank]}, the receivers {dst_gpus}. Use 'auto' "
+                         f"(CUDA IPC or /dev/shm for receivers on the trainer's GPUs)")
+    if wanted == "auto":
+        if on_gpus and distinct:
+            return buckets.COLLECTIVE, sources
+        return ("auto" if one_host else buckets.OBJECT_STORE), sources
+    return wanted, sources
+
+
 def can_probe(side: Any) -> bool:
     """Whether a model (a DistModel, or anything with the driver-side ``module``) has the probe methods."""
     module = getattr(side, "module", None)
@@ -259,32 +296,17 @@ class StateDictSynchronizer(ParameterSynchronizer):
 
     def _plan(self, src: "DistModel", dst: "DistModel") -> tuple[str, list[int]]:
         """The transport, and for each receiver (``dst.workers`` order) the index in
-        ``src.workers`` of the trainer rank whose buckets it reads."""
+        ``src.workers`` of the trainer rank whose buckets it reads (``choose_transport``)."""
         key = (src.name, dst.name)
-        if key in self._resolved:
-            return self._resolved[key]
-        output_rank = next(i for i, w in enumerate(src.workers) if w.is_output_rank)
-        wanted = self._transport()
-        transport, sources = wanted, [output_rank] * len(dst.workers)
-        if wanted in ("auto", buckets.CUDA_IPC):
+        if key not in self._resolved:
             workers = [*src.workers, *dst.workers]
             found = src.tracker.get([w.actor.node_ip.remote() for w in workers] +
-                                    [src.run_on_worker(w, "gpu_uuid", _gpu_uuid) for w in workers])
+                                    [src.run_on_worker(w, "gpu_uuids", _gpu_uuids) for w in workers])
             hosts, gpus = found[:len(workers)], found[len(workers):]
-            src_gpus, dst_gpus = gpus[:len(src.workers)], gpus[len(src.workers):]
-            # Every trainer rank holds the whole exported model: each receiver reads
-            # from a trainer rank on its own GPU, device to device.
-            shared = all(g and g in src_gpus for g in dst_gpus) and len(set(hosts)) == 1
-            if shared:
-                transport, sources = buckets.CUDA_IPC, [src_gpus.index(g) for g in dst_gpus]
-            elif wanted == buckets.CUDA_IPC:
-                raise ValueError(f"param sync {src.name} -> {dst.name}: transport cuda_ipc needs every "
-                                 f"receiver on a GPU that a trainer rank uses (trainer GPUs {src_gpus}, "
-                                 f"receiver GPUs {dst_gpus})")
-            else:
-                # "auto" at the writer: shm, or the object store if /dev/shm is too small.
-                transport = "auto" if len(set(hosts)) == 1 else buckets.OBJECT_STORE
-        self._resolved[key] = (transport, sources)
+            output_rank = next(i for i, w in enumerate(src.workers) if w.is_output_rank)
+            self._resolved[key] = choose_transport(self._transport(), len(set(hosts)) == 1, output_rank,
+                                                   gpus[:len(src.workers)], gpus[len(src.workers):],
+                                                   f"param sync {src.name} -> {dst.name}")
         return self._resolved[key]
 
     def sync(self, src: "DistModel", dst: "DistModel") -> dict[str, float]:
@@ -406,8 +428,8 @@ def _release(module, channel: str) -> None:
     buckets.release_cuda_ipc(channel)
 
 
-def _gpu_uuid(module) -> str:
-    return buckets.gpu_uuid()
+def _gpu_uuids(module) -> list[str]:
+    return buckets.gpu_uuids()
 
 
 def _load(module, manifest: dict):

@@ -143,10 +143,12 @@ def manifest_nbytes(manifest: Mapping[str, Any]) -> int:
     return sum(e[_NBYTES] for b in manifest["buckets"] for e in b["tensors"])
 
 
-def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as a 1-D uint8 view (a copy only if it is not contiguous)."""
+def flat_bytes(tensor: torch.Tensor, on_host: bool = True) -> torch.Tensor:
+    """The tensor's bytes as a 1-D uint8 view (a copy only if it is not contiguous), moved to
+    host memory unless ``on_host`` is False (a GPU-to-GPU copy must not detour through the host:
+    that detour cost the NCCL sync of a 988 MB model 0.43 s of its 0.45 s on an H200 pair)."""
     t = tensor.detach()
-    if t.device.type != "cpu":
+    if on_host and t.device.type != "cpu":
         t = t.to("cpu")
     return t.contiguous().reshape(-1).view(torch.uint8)
 
@@ -359,6 +361,14 @@ def gpu_uuid() -> str:
     if not torch.cuda.is_available():
         return ""
     return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+
+def gpu_uuids() -> list[str]:
+    """Every GPU this process sees (none without CUDA): a vLLM replica over several GPUs
+    sees all of them, a trainer rank its one."""
+    if not torch.cuda.is_available():
+        return []
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
 
 
 def put_cuda_ipc(state: dict[str, torch.Tensor], bucket_bytes: int, channel: str) -> dict[str, Any]:

@@ -95,7 +95,11 @@ def stage(channel: str, state: Mapping[str, torch.Tensor], plan: list[dict[str, 
 
 
 def send(channel: str) -> dict[str, float]:
-    """Broadcast the staged buckets, packing the next while the current one is on the wire."""
+    """Broadcast the staged buckets through two buffers: bucket i is packed into the buffer that
+    bucket i-2 was sent from, once that broadcast is done, while bucket i-1 is on the wire. On GPU
+    the ordering lives on the streams (``Work.wait`` makes this process's stream wait for the
+    broadcast, and NCCL starts a broadcast after the copies queued before it), so the host only
+    waits at the end."""
     import time
 
     from chatlearn.synchronizer import buckets
@@ -107,18 +111,20 @@ def send(channel: str) -> dict[str, float]:
     start = time.perf_counter()
     biggest = max((b["nbytes"] for b in plan), default=1)
     buffers = [torch.empty(biggest, dtype=torch.uint8, device=device) for _ in range(2)]
-    pending = None
+    sending: list[Any] = [None, None]
     for i, bucket in enumerate(plan):
-        buffer = buffers[i % 2][:bucket["nbytes"]]
+        slot = i % 2
+        if sending[slot] is not None:
+            sending[slot].wait()
+        buffer = buffers[slot][:bucket["nbytes"]]
         for name, _, _, offset, nbytes in bucket["tensors"]:
-            buffer[offset:offset + nbytes].copy_(buckets.flat_bytes(state[name]), non_blocking=True)
-        if pending is not None:
-            pending.wait()  # the other buffer is free again once its broadcast is done
-        if device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-        pending = _broadcast(group, buffer)
-    if pending is not None:
-        pending.wait()
+            buffer[offset:offset + nbytes].copy_(buckets.flat_bytes(state[name], on_host=False), non_blocking=True)
+        sending[slot] = _broadcast(group, buffer)
+    for work in sending:
+        if work is not None:
+            work.wait()
+    if device.type == "cuda":
+        torch.cuda.current_stream().synchronize()  # done: the buffers and ``state`` may go
     return {"send_s": time.perf_counter() - start}
 
 
@@ -137,6 +143,10 @@ def receive(channel: str, plan: list[dict[str, Any]]) -> Iterator[tuple[dict[str
     for bucket, buffer in zip(plan, kept):
         _broadcast(group, buffer).wait()
         yield bucket, buffer
+    if device.type == "cuda":
+        # NCCL's wait only orders this process's stream: the loader's copies are queued, not
+        # done. Finish them, so that the load time is true and the engine computes with them.
+        torch.cuda.current_stream().synchronize()
 
 
 def leave(channel: Optional[str] = None) -> None:
