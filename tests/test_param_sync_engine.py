@@ -50,7 +50,11 @@ class CheckedMegatronPolicy(MegatronModule):
     rollout first (output rank) and can corrupt one sync on purpose."""
 
     def named_parameters_for_sync(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+        from megatron.core import parallel_state as ps
+
         state = super().named_parameters_for_sync(device)
+        with open(os.path.join(self.model_args["check_dir"], "exports.jsonl"), "a") as f:
+            f.write(json.dumps({"dp_rank": ps.get_data_parallel_rank()}) + "\n")
         self._syncs = getattr(self, "_syncs", 0) + 1
         if self._syncs == int(self.model_args.get("corrupt_on_sync", 0)):
             state = dict(state)
@@ -139,7 +143,7 @@ def make_prompts(model_dir: str, n: int = 8) -> list[dict]:
 
 def write_config(tmp_path, model_dir: str, tp: int, pp: int, vllm_tp: int, vllm_replicas: int,
                  num_episode: int, corrupt_on_sync: int = 0, free_memory: bool = False,
-                 transport: str = "auto") -> str:
+                 transport: str = "auto", dp: int = 1) -> str:
     check_dir = tmp_path / "checks"
     check_dir.mkdir()
     config = {
@@ -151,7 +155,7 @@ def write_config(tmp_path, model_dir: str, tp: int, pp: int, vllm_tp: int, vllm_
                        "free_memory": free_memory, "args_dict": {
                 "load": model_dir, "max_model_len": 256, "kv_cache_memory_bytes": 32 * 2**20,
                 "temperature": 0.0, "new_token_limit": True, "max_new_tokens": MAX_NEW}},
-            "ppo_policy": {"num_cpu": tp * pp, "trainable": True, "tensor_model_parallel_size": tp,
+            "ppo_policy": {"num_cpu": tp * pp * dp, "trainable": True, "tensor_model_parallel_size": tp,
                            "free_memory": free_memory,
                            "pipeline_model_parallel_size": pp, "args_dict": {
                                "load": model_dir, "optimizer": "sgd", "lr": 0.05, "clip_grad": 0.0,
@@ -160,7 +164,7 @@ def write_config(tmp_path, model_dir: str, tp: int, pp: int, vllm_tp: int, vllm_
         },
         "runtime": {
             "num_episode": num_episode, "sample_per_episode": 8, "generation_batch_size": 8 // vllm_replicas,
-            "train_micro_batch_size": 8, "train_global_batch_size": 8, "validate_param_sync": True,
+            "train_micro_batch_size": 8 // dp, "train_global_batch_size": 8, "validate_param_sync": True,
             "coalesced_buffer_mb": 1, "param_sync_transport": transport, "output_dir": str(tmp_path / "out"), "exp_name": "param_sync",
             "actor_timeout_s": 400, "seed": 1,
         },
@@ -304,3 +308,16 @@ def test_collective_transport_broadcasts_into_vllm_tp2(ray_session, tmp_path, mo
         assert_bucketed(metrics, replicas=replicas, transport="collective")
         assert metrics["sync/ppo_policy->policy/send_s"] > 0
     assert_rollouts_match_trainer(read_checks(config), episodes=3)
+
+
+@pytest.mark.slow
+def test_only_the_writing_data_parallel_group_exports(ray_session, tmp_path, model_dir):
+    """A DP2 trainer: the rank of the group that writes the buckets exports, the other DP rank
+    does no gather at all; every sync still validates (checksums and probe)."""
+    config = write_config(tmp_path, model_dir, tp=1, pp=1, vllm_tp=1, vllm_replicas=1, num_episode=2, dp=2)
+    history = run_engine(config, model_dir).learn()
+    assert len(history) == 2 and all(m["sync/ppo_policy->policy/count"] == 1 for m in history)
+    check_dir = yaml.safe_load(open(config))["models"]["ppo_policy"]["args_dict"]["check_dir"]
+    with open(os.path.join(check_dir, "exports.jsonl")) as f:
+        exports = [json.loads(line)["dp_rank"] for line in f]
+    assert exports == [0, 0]  # one export per sync, by DP rank 0 alone

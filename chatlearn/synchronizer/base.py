@@ -241,9 +241,10 @@ def check_checksums(src_name: str, dst_name: str, expected: dict, got_per_replic
 class StateDictSynchronizer(ParameterSynchronizer):
     """The trainer's full HF state dict, in buckets, into every replica at once.
 
-    Every trainer rank takes part in the export (a sharded trainer gathers
-    collectively: any training TP/PP layout gives the same complete HF state
-    dict, which is what lets any inference layout load it); the first output
+    Every trainer rank of a data-parallel group that writes takes part in the
+    export (a sharded trainer gathers collectively over TP and PP: any training
+    layout gives the same complete HF state dict, which is what lets any
+    inference layout load it; the other DP groups skip it); the first output
     rank writes the buckets (``runtime.coalesced_buffer_mb`` each, see
     ``chatlearn.synchronizer.buckets``) and every rank of every inference
     replica loads them concurrently. Transport: ``"shm"`` (/dev/shm files on
@@ -316,9 +317,14 @@ class StateDictSynchronizer(ParameterSynchronizer):
         channel = f"{src.name}-to-{dst.name}"
         if transport == buckets.COLLECTIVE and (src.name, dst.name) not in self._joined:
             self._join_group(src, dst, channel, sources[0])
-        refs = [src.run_on_worker(w, "param_sync_export", _export, self.bucket_bytes(), transport, channel,
-                                  i in writers, self.in_transit) for i, w in enumerate(src.workers)]
-        exported = src.tracker.get(refs)
+        # The export gathers over tensor and pipeline parallelism only: a data-parallel
+        # group with no writer in it has nothing to do (each parameter is gathered once
+        # per writing group, not by every DP rank).
+        writing_groups = {src.workers[i].dp_rank for i in writers}
+        exporters = [i for i, w in enumerate(src.workers) if w.dp_rank in writing_groups]
+        refs = [src.run_on_worker(src.workers[i], "param_sync_export", _export, self.bucket_bytes(), transport,
+                                  channel, i in writers, self.in_transit) for i in exporters]
+        exported = dict(zip(exporters, src.tracker.get(refs)))
         manifest, export_stats = exported[sources[0]]
         exported_at = time.perf_counter()
         # All replicas (and all ranks of each) at once; a collective sync's writer sends meanwhile.
