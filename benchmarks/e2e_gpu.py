@@ -72,6 +72,15 @@ def even_words_reward(sample: dict) -> float:
     return sum(i % 2 == 0 for i in ids) / max(1, len(ids))
 
 
+def devices(args: argparse.Namespace) -> dict[str, int]:
+    """Devices of each role: vLLM on one of its own with ``--layout split`` (the trainer and
+    reference on the rest), else every role on all of them. Inference roles run TP 1, so this
+    is also their number of replicas."""
+    split = args.layout == "split"
+    rest = args.gpus - 1 if split else args.gpus
+    return {"policy": 1 if split else args.gpus, "reference": rest, "reward": 1, "policy_trainer": rest}
+
+
 def write_run_files(work: Path, model_dir: str, args: argparse.Namespace, vocab: int, gpu: bool) -> Path:
     """The prompts and the YAML files of the run; returns the main YAML."""
     rng = random.Random(0)
@@ -102,20 +111,20 @@ def write_run_files(work: Path, model_dir: str, args: argparse.Namespace, vocab:
     reward = dict(common, reward_fn="benchmarks.e2e_gpu:even_words_reward", fn_weight=1.0, model_weight=0.0)
     split = args.layout == "split"
     key = "num_gpu" if gpu else "num_cpu"
-    rest = args.gpus - 1 if split else args.gpus  # devices of the trainer and reference
+    count = devices(args)
     offload = gpu and not split  # colocated with vLLM: take turns on the GPUs
     models = {
-        "policy": dict(model_config_file="policy.yaml", trainable=False, free_memory=offload,
-                       **{key: 1 if split else args.gpus}),
-        "reference": dict(model_config_file="reference.yaml", trainable=False, free_memory=offload, **{key: rest}),
-        "reward": dict(model_config_file="reward.yaml", trainable=False, **{key: 1}),
-        "policy_trainer": dict(model_config_file="trainer.yaml", trainable=True, free_memory=offload,
-                               **{key: rest}),
+        "policy": dict(model_config_file="policy.yaml", trainable=False, free_memory=offload),
+        "reference": dict(model_config_file="reference.yaml", trainable=False, free_memory=offload),
+        "reward": dict(model_config_file="reward.yaml", trainable=False),
+        "policy_trainer": dict(model_config_file="trainer.yaml", trainable=True, free_memory=offload),
     }
+    for name, entry in models.items():
+        entry[key] = count[name]
     colocated = [name for name in models if not (split and name == "policy")]
     samples = args.prompts * args.n
     # One generation batch per vLLM replica, so that every replica samples.
-    replicas = models["policy"][key]
+    replicas = count["policy"]
     main = dict(
         runtime_env=dict(platform="local", env_vars={"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
                                                      "VLLM_USE_FLASHINFER_SAMPLER": "0",
@@ -305,11 +314,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     records = [r for r in read_metrics(str(metrics_file)) if r.get("episode", -1) >= 0]
     samples = args.prompts * args.n
-    # Inference models have one replica per device here (TP 1).
-    split = args.layout == "split"
-    replicas = {"policy": 1 if split else args.gpus, "reference": args.gpus - 1 if split else args.gpus}
     steps = [step_breakdown(r, samples, args.new_tokens, args.prompt_len,
-                            lambda n: model_flops_per_token(hf_config, n), peak_tflops, replicas) for r in records]
+                            lambda n: model_flops_per_token(hf_config, n), peak_tflops, devices(args))
+             for r in records]
     startup = {k: v for k, v in records[0].items() if k.startswith("startup/")} if records else {}
     # The last policy_lag episodes of a lagged run train on rollouts sampled earlier and generate
     # nothing: a long run has almost none of them, so they are left out of the means.

